@@ -1,0 +1,111 @@
+"""Checkpoint files: a node's weights (reusable as a frozen teacher) and training states.
+
+Every write goes to a temporary file that is renamed into place, so a run killed
+mid-save leaves the previous checkpoint intact.
+"""
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = [
+    "atomic_save",
+    "save_node_weights",
+    "load_node_weights",
+    "rng_state",
+    "set_rng_state",
+    "node_weights_name",
+]
+
+NODE_FORMAT = "timm_dcl.node.v1"
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def node_weights_name(index: int, model: str) -> str:
+    return f"node{index}_{model}.pth"
+
+
+def save_node_weights(path: str | os.PathLike, model: nn.Module, *, model_name: str,
+                      model_kwargs: dict, num_classes: int, dataset: str | None, top1: float | None = None) -> None:
+    """A node's weights with enough metadata to check them when they are loaded again."""
+    atomic_save({
+        "format": NODE_FORMAT,
+        "model": model_name,
+        "model_kwargs": dict(model_kwargs),
+        "num_classes": int(num_classes),
+        "dataset": dataset,
+        "top1": top1,
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }, path)
+
+
+def _extract_state_dict(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    if isinstance(obj, dict) and obj.get("format") == NODE_FORMAT:
+        return obj["state_dict"], obj
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model", "state_dict_ema"):
+            if isinstance(obj.get(key), dict):
+                return obj[key], {}
+        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return obj, {}
+    raise ValueError(f"{path}: not a model checkpoint (expected a node weights file or a state_dict)")
+
+
+def load_node_weights(path: str | os.PathLike, model: nn.Module, *, model_name: str, num_classes: int,
+                      where: str = "node") -> dict[str, Any]:
+    """Load weights into ``model``, with an error that says what does not fit."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{where}: checkpoint {path} does not exist")
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    state, meta = _extract_state_dict(obj, path)
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    if meta:
+        if meta.get("model") != model_name:
+            raise ValueError(f"{where}: checkpoint {path} holds a {meta.get('model')!r}, not a {model_name!r}")
+        if meta.get("num_classes") != num_classes:
+            raise ValueError(f"{where}: checkpoint {path} was trained for {meta.get('num_classes')} classes, "
+                             f"but this data set has {num_classes}")
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"{where}: checkpoint {path} does not fit {model_name!r}: "
+                         f"{len(missing)} missing keys (e.g. {missing[:3]}), "
+                         f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
+    bad = [(k, tuple(state[k].shape), tuple(v.shape)) for k, v in own.items() if state[k].shape != v.shape]
+    if bad:
+        k, theirs, ours = bad[0]
+        raise ValueError(f"{where}: checkpoint {path} does not fit {model_name!r} with {num_classes} classes: "
+                         f"{k} has shape {theirs} in the checkpoint, {ours} in the model "
+                         f"({len(bad)} tensors differ)")
+    model.load_state_dict(state)
+    return meta
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
