@@ -14,11 +14,11 @@ from pathlib import Path
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from timm_dcl.config import add_data_args, add_graph_args, add_train_args
+    from timm_dcl.config import HelpFormatter, add_data_args, add_graph_args, add_train_args
 
     parser = argparse.ArgumentParser(
         description="Train a Knowledge Transfer Graph (deep collaborative learning) of timm models.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     add_graph_args(parser)
     add_data_args(parser)
     add_train_args(parser)
@@ -27,6 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run directory (default: output/train/<models>-<preset>)")
     g.add_argument("--resume", default=None, metavar="DIR",
                    help="continue the run in DIR up to --epochs (its graph.json is used when no graph is given)")
+    g.add_argument("--pretrained-dir", default=None, metavar="DIR",
+                   help="graph transfer: take every frozen node's weights from DIR/<dataset>/<model>.pth "
+                        "(the layout search_dcl.py uses)")
     return parser
 
 
@@ -58,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
             graph = Graph.load(graph_file)
         else:
             graph = graph_from_args(args)
+        if args.pretrained_dir:
+            from timm_dcl.pretrained import retarget_pretrained
+            graph = retarget_pretrained(graph, args.pretrained_dir, args.dataset)
         if args.output is None and args.resume is None:
             name = "-".join(n.model for n in graph.nodes)
             args.output = str(Path("output") / "train" / name)

@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 __all__ = [
     "TrainConfig",
+    "HelpFormatter",
     "add_data_args",
     "add_train_args",
     "add_graph_args",
@@ -23,6 +24,16 @@ __all__ = [
 DATASETS = ("cifar10", "cifar100", "tiny-imagenet")
 SCHEDULERS = ("multistep", "cosine")
 MIXED_PRECISION = ("no", "fp16", "bf16")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default unless its help already says it, or there is none to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False) or action.default is argparse.SUPPRESS:
+            return text
+        return super()._get_help_string(action)
 
 
 @dataclass

@@ -89,6 +89,9 @@ class GraphTrainer:
             from accelerate import Accelerator
             accelerator = Accelerator(mixed_precision=cfg.mixed_precision, **self._tracker_kwargs())
         self.accelerator = acc = accelerator
+        if acc.device.type == "cuda":
+            # CIFAR shapes never change within a run: let cuDNN pick its fastest algorithms.
+            torch.backends.cudnn.benchmark = True
         from accelerate.utils import set_seed
         set_seed(cfg.seed)
 

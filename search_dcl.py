@@ -1,0 +1,176 @@
+#!/usr/bin/env python3
+"""Search a Knowledge Transfer Graph with ASHA (the paper's graph search, SPEC §6).
+
+    python search_dcl.py --num-nodes 3 --dataset cifar10 --data-dir ../shared/data/cifar10 \\
+        --n-trials 1500 --epochs 200 --output output/search/cifar10-3nodes
+
+Every worker attached to the same storage (default: a journal file in --output that local
+processes share; or --storage postgresql://... for machines) cooperates on one study until
+exactly --n-trials trials have finished; running the command again resumes it.
+`accelerate launch --num_processes N search_dcl.py ...` runs N workers, one per GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from pathlib import Path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from timm_dcl.config import HelpFormatter, add_data_args, add_train_args
+
+    parser = argparse.ArgumentParser(
+        description="Search the models and gates of a Knowledge Transfer Graph with ASHA (Optuna).",
+        formatter_class=HelpFormatter)
+    g = parser.add_argument_group("search space")
+    g.add_argument("--num-nodes", type=int, default=3, metavar="M", help="nodes of the graph, the target included")
+    g.add_argument("--target-model", default="resnet32", help="node 0, the network whose accuracy is optimised")
+    g.add_argument("--candidates", default="resnet32,resnet110,wrn28_2", metavar="A,B,...",
+                   help="timm models that nodes 1…M−1 choose from")
+    g.add_argument("--pretrained-dir", default=None, metavar="DIR",
+                   help="pre-trained nodes: DIR/<dataset>/<model>.pth or the one-node run DIR/<dataset>/<model>/ "
+                        "of train_dcl.py; a node whose sampled gate row is all cutoff loads them, frozen")
+    g.add_argument("--temperature", type=float, default=1.0, help="temperature of the knowledge edges")
+    g = parser.add_argument_group("study")
+    g.add_argument("--n-trials", type=int, default=1500,
+                   help="finished (complete or pruned) trials of the study, over all its workers")
+    g.add_argument("--storage", default=None, metavar="URL",
+                   help="an Optuna storage URL (postgresql://user:pw@host/db, sqlite:///f.db) or a journal file "
+                        "path (default: OUTPUT/study.journal, shared safely by local processes)")
+    g.add_argument("--study-name", default=None, help="default: ktg-<dataset>-<M>nodes")
+    g.add_argument("--sampler", default="random", choices=("random", "tpe"), help="random: the paper's")
+    g.add_argument("--sampler-seed", type=int, default=None,
+                   help="seed of the sampler (plus the worker's rank under accelerate launch)")
+    g.add_argument("--reduction-factor", type=int, default=2, help="ASHA: keep the best 1/r at each rung")
+    g.add_argument("--min-resource", type=int, default=1, help="ASHA: epochs of the first rung")
+    g.add_argument("--heartbeat-interval", type=int, default=60, metavar="SEC",
+                   help="a running trial proves its worker alive this often")
+    g.add_argument("--grace-period", type=int, default=None, metavar="SEC",
+                   help="a running trial silent this long is marked failed (default: 2 × the interval)")
+    g.add_argument("--poll-interval", type=float, default=5.0, metavar="SEC",
+                   help="how often an idle worker checks whether the last running trials ended")
+    g.add_argument("--top-k", type=int, default=3, help="graphs drawn in OUTPUT/top_graphs")
+    g.add_argument("--output", default=None, metavar="DIR", help="default: output/search/<dataset>-<M>nodes")
+    add_data_args(parser)
+    add_train_args(parser)
+    # the objective is measured on a split held out of the training data
+    parser.set_defaults(val_size=5000)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from timm_dcl.search import isolate_worker
+
+    worker = isolate_worker()  # before anything touches CUDA
+    # a terminated worker closes its running trial as failed at once (a killed one by heartbeat)
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        return _search(args, worker)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _search(args: argparse.Namespace, worker) -> int:
+    import optuna
+
+    from timm_dcl.config import TrainConfig
+    from timm_dcl.search import (SearchSpace, SearchWorker, StorageError, make_pruner, make_sampler, open_storage,
+                                 open_study, search_settings, write_report)
+
+    def fail(e: BaseException) -> int:
+        print(f"search_dcl.py: error: {e}", file=sys.stderr)
+        return 2
+
+    try:
+        if args.n_trials < 1:
+            raise ValueError(f"--n-trials must be ≥ 1, got {args.n_trials}")
+        if args.top_k < 1:
+            raise ValueError(f"--top-k must be ≥ 1, got {args.top_k}")
+        if args.poll_interval <= 0:
+            raise ValueError(f"--poll-interval must be > 0, got {args.poll_interval}")
+        if args.val_size < 1:
+            raise ValueError("the search scores node 0 on a validation split held out of the training data: "
+                             "--val-size must be ≥ 1")
+        candidates = [c.strip() for c in args.candidates.split(",") if c.strip()]
+        space = SearchSpace(args.num_nodes, args.target_model, tuple(candidates), args.dataset,
+                            args.pretrained_dir, args.temperature)
+        output = Path(args.output or Path("output") / "search" / f"{args.dataset}-{args.num_nodes}nodes")
+        cfg = TrainConfig.from_args(args, output=None, eval_split="val")
+        pruner = make_pruner(args.min_resource, args.reduction_factor)
+        seed = None if args.sampler_seed is None else args.sampler_seed + worker.rank
+        sampler = make_sampler(args.sampler, seed)
+        study_name = args.study_name or f"ktg-{args.dataset}-{args.num_nodes}nodes"
+        storage = open_storage(args.storage, output / "study.journal", heartbeat_interval=args.heartbeat_interval,
+                               grace_period=args.grace_period)
+        study = open_study(storage, study_name,
+                           search_settings(space, cfg, min_resource=args.min_resource,
+                                           reduction_factor=args.reduction_factor),
+                           sampler=sampler, pruner=pruner)
+    except (ValueError, TypeError, StorageError, FileNotFoundError) as e:
+        return fail(e)
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own line per trial, under the bar
+    log_file = output / "logs" / f"{worker.name.replace(':', '-')}.log"
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=args.n_trials, desc=f"search {study_name}", unit="trial", dynamic_ncols=True,
+               disable=not (cfg.progress_bar and worker.is_main))
+
+    def say(message: str) -> None:
+        with open(log_file, "a") as f:
+            f.write(message + "\n")
+        if worker.is_main:
+            tqdm.write(message, file=sys.stdout)
+
+    def progress(finished: int, total: int) -> None:
+        if bar.n != finished:
+            bar.n = finished
+            bar.refresh()
+
+    settings = ", ".join(f"{k}={getattr(args, k)}" for k in ("num_nodes", "target_model", "candidates", "epochs",
+                                                             "sampler", "reduction_factor", "min_resource"))
+    say(f"worker {worker.name}: study {study_name!r} ({settings}), {args.n_trials} trials in total")
+    try:
+        from timm_dcl.data import build_data
+
+        data = build_data(cfg.dataset, data_dir=cfg.data_dir, train_subset=cfg.train_subset,
+                          eval_subset=cfg.eval_subset, val_size=cfg.val_size, seed=cfg.seed,
+                          num_workers=cfg.workers)
+    except (ValueError, FileNotFoundError) as e:
+        return fail(e)
+    except RuntimeError as e:  # DatasetUnavailableError and friends
+        return fail(e)
+
+    start = time.perf_counter()
+    code = 0
+    try:
+        run = SearchWorker(study, storage, space, cfg, data, n_trials=args.n_trials,
+                           poll_interval=args.poll_interval, worker=worker, log_file=log_file, say=say,
+                           progress=progress)
+        ran = run.run()
+        say(f"worker {worker.name}: ran {ran} trial(s) in {time.perf_counter() - start:.0f}s; the study is done")
+    except KeyboardInterrupt:
+        say(f"worker {worker.name}: interrupted; its running trial is marked failed. "
+            "Run the same command again to resume the study.")
+        code = 130
+    finally:
+        bar.close()
+    if worker.is_main:
+        summary = write_report(study, space, output, min_resource=args.min_resource,
+                               reduction_factor=args.reduction_factor, epochs=cfg.epochs, n_trials=args.n_trials,
+                               top_k=args.top_k)
+        print(summary)
+        print(f"outputs in {output}: best_graph.json, trials.csv, asha.png, top_graphs/, search_summary.json")
+    return code
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

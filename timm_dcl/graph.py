@@ -1,0 +1,387 @@
+"""A Knowledge Transfer Graph: its nodes (timm models), its M×M gates and its temperature.
+
+``gates[t][s]`` is the gate on the edge from source ``s`` into target ``t``; the diagonal is
+the edge from the ground-truth label (SPEC §1). Node 0 is the target and is always trained.
+
+Frozen nodes (SPEC §3): a node whose gate row is all cutoff learns nothing, so it must be a
+pre-trained teacher loaded from a checkpoint. ``Graph`` therefore *infers* ``frozen=True``
+for every node other than 0 that has a checkpoint and an all-cutoff row, and rejects a
+frozen node without a checkpoint or with any non-cutoff incoming gate. A trainable node may
+also have a checkpoint: it then starts from those weights (a warm start).
+
+JSON form (``to_dict``/``save``)::
+
+    {"version": 1, "temperature": 1.0,
+     "nodes": [{"model": "resnet32", "model_kwargs": {}, "checkpoint": null, "frozen": false}, ...],
+     "gates": [["through", "cutoff"], ["cutoff", "cutoff"]]}
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+import math
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence, Union
+
+from .gates import GATE_NAMES, Gate, decode_gates, encode_gates, parse_gates
+
+__all__ = ["Node", "Graph", "PRESETS", "FORMAT_VERSION"]
+
+FORMAT_VERSION = 1
+PRESETS = ("independent", "dml", "kd")
+
+_THROUGH = GATE_NAMES[Gate.THROUGH]
+_CUTOFF = GATE_NAMES[Gate.CUTOFF]
+_NODE_KEYS = ("model", "model_kwargs", "checkpoint", "frozen")
+_GRAPH_KEYS = ("version", "temperature", "nodes", "gates")
+# the trainer sets these for every node (one class count for all, no hub weights)
+_RESERVED_KWARGS = ("num_classes", "pretrained")
+
+
+@dataclass
+class Node:
+    """One network of the graph: a timm model name, its kwargs, an optional checkpoint."""
+
+    model: str
+    model_kwargs: dict = field(default_factory=dict)
+    checkpoint: Optional[str] = None
+    frozen: bool = False
+
+
+@dataclass
+class Graph:
+    """M nodes, an M×M gate matrix of names (``gates[t][s]``: s → t) and a temperature."""
+
+    nodes: list[Node]
+    gates: list[list[str]]
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.nodes, (str, bytes, Mapping)) or not isinstance(self.nodes, Sequence):
+            raise TypeError(f"nodes: expected a list of Node, got {type(self.nodes).__name__}")
+        nodes = []
+        for i, node in enumerate(self.nodes):
+            if not isinstance(node, Node):
+                raise TypeError(f"nodes[{i}]: expected a Node, got {type(node).__name__}")
+            # the graph owns its nodes: inferring `frozen` must not touch the caller's objects
+            nodes.append(replace(node, model_kwargs=copy.deepcopy(node.model_kwargs)))
+        self.nodes = nodes
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+
+    def _row_is_cutoff(self, t: int) -> bool:
+        return all(g == _CUTOFF for g in self.gates[t])
+
+    def validate(self) -> "Graph":
+        """Check every field, errors naming the bad one; canonicalise the gate names and
+        mark nodes with a checkpoint and an all-cutoff row frozen. Returns ``self``."""
+        m = len(self.nodes)
+        if m == 0:
+            raise ValueError("nodes: a graph needs at least one node")
+        # canonical lower-case names; accepts anything encode_gates does (names, Gate, codes)
+        self.gates = decode_gates(encode_gates(self.gates, m))
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)):
+            raise TypeError(f"temperature: expected a number, got {type(t).__name__}")
+        if not math.isfinite(t) or t <= 0:
+            raise ValueError(f"temperature: must be finite and > 0, got {t!r}")
+        self.temperature = float(t)
+        for i, node in enumerate(self.nodes):
+            self._validate_node(i, node)
+            if i > 0 and node.checkpoint is not None and self._row_is_cutoff(i):
+                node.frozen = True
+        for i, node in enumerate(self.nodes):
+            where = f"nodes[{i}]"
+            if node.frozen:
+                if i == 0:
+                    raise ValueError(f"{where}.frozen: node 0 is the target and can never be frozen")
+                if node.checkpoint is None:
+                    raise ValueError(f"{where}.checkpoint: node {i} is frozen, so it needs a checkpoint "
+                                     "of a pre-trained run")
+                bad = [s for s, g in enumerate(self.gates[i]) if g != _CUTOFF]
+                if bad:
+                    s = bad[0]
+                    raise ValueError(
+                        f"gates[{i}]: node {i} is frozen (it learns nothing), so its gate row must be all "
+                        f"cutoff, but gates[{i}][{s}] is {self.gates[i][s]!r}")
+            elif self._row_is_cutoff(i):
+                if i == 0:
+                    raise ValueError("gates[0]: node 0 (the target) has an all-cutoff gate row, so it "
+                                     "would learn nothing")
+                raise ValueError(
+                    f"gates[{i}]: node {i} has an all-cutoff gate row, so it learns nothing: give it a "
+                    f"checkpoint (nodes[{i}].checkpoint) to use it as a frozen pre-trained teacher")
+        return self
+
+    @staticmethod
+    def _validate_node(i: int, node: Node) -> None:
+        where = f"nodes[{i}]"
+        if not isinstance(node, Node):
+            raise TypeError(f"{where}: expected a Node, got {type(node).__name__}")
+        if not isinstance(node.model, str):
+            raise TypeError(f"{where}.model: expected a string, got {type(node.model).__name__}")
+        if not node.model.strip():
+            raise ValueError(f"{where}.model: expected a non-empty model name")
+        if not isinstance(node.model_kwargs, dict):
+            raise TypeError(f"{where}.model_kwargs: expected a dict, got {type(node.model_kwargs).__name__}")
+        for key in node.model_kwargs:
+            if not isinstance(key, str):
+                raise TypeError(f"{where}.model_kwargs: keys must be strings, got {key!r}")
+            if key in _RESERVED_KWARGS:
+                raise ValueError(f"{where}.model_kwargs: {key!r} is set by the trainer for every node, "
+                                 "not per node")
+        try:
+            json.dumps(node.model_kwargs, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"{where}.model_kwargs: must be JSON-serialisable ({e})") from None
+        if isinstance(node.checkpoint, os.PathLike):
+            node.checkpoint = os.fspath(node.checkpoint)
+        if node.checkpoint is not None and not isinstance(node.checkpoint, str):
+            raise TypeError(f"{where}.checkpoint: expected a path string or None, "
+                            f"got {type(node.checkpoint).__name__}")
+        if node.checkpoint is not None and not node.checkpoint.strip():
+            raise ValueError(f"{where}.checkpoint: expected a non-empty path or None")
+        if not isinstance(node.frozen, bool):
+            raise TypeError(f"{where}.frozen: expected a bool, got {type(node.frozen).__name__}")
+
+    def check_models(self) -> "Graph":
+        """Check that every node's model is a timm model (ours included). Returns ``self``."""
+        import timm
+
+        from . import models  # noqa: F401  (registers the CIFAR networks)
+
+        for i, node in enumerate(self.nodes):
+            if not timm.is_model(node.model):
+                close = difflib.get_close_matches(node.model, timm.list_models(), n=5, cutoff=0.6)
+                hint = f"; close matches: {', '.join(close)}" if close else ""
+                raise ValueError(f"nodes[{i}].model: unknown timm model {node.model!r}{hint}")
+        return self
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def num_nodes(self) -> int:
+        return len(self.nodes)
+
+    @property
+    def frozen_nodes(self) -> tuple[int, ...]:
+        return tuple(i for i, n in enumerate(self.nodes) if n.frozen)
+
+    @property
+    def trainable_nodes(self) -> tuple[int, ...]:
+        return tuple(i for i, n in enumerate(self.nodes) if not n.frozen)
+
+    @property
+    def gate_codes(self) -> tuple[int, ...]:
+        """Flat row-major integer codes, as the loss ops take them."""
+        return encode_gates(self.gates, len(self.nodes))
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def preset(
+            cls,
+            name: str,
+            models: Sequence[str],
+            *,
+            checkpoints: Optional[Sequence[Optional[str]]] = None,
+            temperature: Optional[float] = None,
+    ) -> "Graph":
+        """A classic graph: ``independent`` (labels only), ``dml`` (all through, T=1) or
+        ``kd`` (node 1 a frozen teacher from its checkpoint, T=2)."""
+        key = name.strip().lower() if isinstance(name, str) else name
+        if key not in PRESETS:
+            hint = difflib.get_close_matches(str(name), PRESETS, n=1)
+            extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise ValueError(f"preset: unknown preset {name!r}{extra}; presets are {', '.join(PRESETS)}")
+        models = _model_list(models)
+        m = len(models)
+        checkpoints = _checkpoint_list(checkpoints, m)
+        if key == "independent":
+            gates = [[_THROUGH if s == t else _CUTOFF for s in range(m)] for t in range(m)]
+            default_t = 1.0
+        elif key == "dml":
+            gates = [[_THROUGH] * m for _ in range(m)]
+            default_t = 1.0
+        else:
+            if m != 2:
+                raise ValueError(f"preset 'kd' needs exactly 2 models (student, teacher), got {m}")
+            if checkpoints[1] is None:
+                raise ValueError("preset 'kd': node 1 (the frozen teacher) needs a checkpoint")
+            gates = [[_THROUGH, _THROUGH], [_CUTOFF, _CUTOFF]]
+            default_t = 2.0
+        nodes = [Node(model, checkpoint=ckpt) for model, ckpt in zip(models, checkpoints)]
+        return cls(nodes, gates, default_t if temperature is None else temperature)
+
+    @classmethod
+    def from_cli(
+            cls,
+            models: Sequence[str],
+            gates: Optional[str] = None,
+            preset: Optional[str] = None,
+            checkpoints: Optional[Sequence[Optional[str]]] = None,
+            temperature: Optional[float] = None,
+    ) -> "Graph":
+        """The graph of command-line options: a gate string (``"through,cutoff;cutoff,cutoff"``)
+        or a preset (default ``dml``). Checkpoint slots that are empty or ``none`` mean no
+        checkpoint; a node with a checkpoint and an all-cutoff row becomes frozen."""
+        if gates is not None and preset is not None:
+            raise ValueError("give either gates or a preset, not both")
+        models = _model_list(models)
+        if gates is None:
+            return cls.preset(preset or "dml", models, checkpoints=checkpoints, temperature=temperature)
+        if not isinstance(gates, str):
+            raise TypeError(f"gates: expected a string like 'through,cutoff;cutoff,through', "
+                            f"got {type(gates).__name__}")
+        matrix = parse_gates(gates, len(models))
+        ckpts = _checkpoint_list(checkpoints, len(models))
+        nodes = [Node(model, checkpoint=ckpt) for model, ckpt in zip(models, ckpts)]
+        return cls(nodes, matrix, 1.0 if temperature is None else temperature)
+
+    # ------------------------------------------------------------------ JSON
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": FORMAT_VERSION,
+            "temperature": self.temperature,
+            "nodes": [
+                {
+                    "model": n.model,
+                    "model_kwargs": copy.deepcopy(n.model_kwargs),
+                    "checkpoint": n.checkpoint,
+                    "frozen": n.frozen,
+                }
+                for n in self.nodes
+            ],
+            "gates": [list(row) for row in self.gates],
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Graph":
+        """Inverse of :meth:`to_dict`; strict: unknown keys and wrong types are errors."""
+        if not isinstance(d, Mapping):
+            raise TypeError(f"graph: expected a JSON object, got {type(d).__name__}")
+        unknown = [k for k in d if k not in _GRAPH_KEYS]
+        if unknown:
+            raise ValueError(f"{unknown[0]}: unknown key; a graph has {', '.join(_GRAPH_KEYS)}")
+        version = d.get("version", FORMAT_VERSION)
+        if version != FORMAT_VERSION or isinstance(version, bool):
+            raise ValueError(f"version: unsupported graph format {version!r} (this build reads {FORMAT_VERSION})")
+        for key in ("nodes", "gates"):
+            if key not in d:
+                raise ValueError(f"{key}: missing")
+        raw_nodes = d["nodes"]
+        if not isinstance(raw_nodes, list):
+            raise TypeError(f"nodes: expected a list, got {type(raw_nodes).__name__}")
+        nodes = [_node_from_dict(i, raw) for i, raw in enumerate(raw_nodes)]
+        gates = d["gates"]
+        if not isinstance(gates, list) or not all(isinstance(row, list) for row in gates):
+            raise TypeError("gates: expected a list of lists of gate names")
+        for t, row in enumerate(gates):
+            for s, g in enumerate(row):
+                if not isinstance(g, str):
+                    raise TypeError(f"gates[{t}][{s}]: expected a gate name, got {type(g).__name__}")
+        temperature = d.get("temperature", 1.0)
+        return cls(nodes, gates, temperature)
+
+    def save(self, path: Union[str, os.PathLike]) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike]) -> "Graph":
+        """Read a graph JSON file; errors are prefixed with the file name."""
+        text = Path(path).read_text()
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{os.fspath(path)}: invalid JSON: {e}") from None
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"{os.fspath(path)}: {e}") from None
+
+    # ------------------------------------------------------------------ display
+
+    def describe(self) -> str:
+        """A short text table of the graph, for logs."""
+        m = len(self.nodes)
+        lines = [f"knowledge transfer graph: {m} node{'s' if m != 1 else ''}, T={self.temperature:g}"]
+        names = [n.model + (f" {n.model_kwargs}" if n.model_kwargs else "") for n in self.nodes]
+        w = max(len("model"), *(len(s) for s in names))
+        lines.append(f"  {'node':<5} {'model':<{w}}  {'role':<9} checkpoint")
+        for i, (n, name) in enumerate(zip(self.nodes, names)):
+            role = "target" if i == 0 else ("frozen" if n.frozen else "trainable")
+            lines.append(f"  {i:<5} {name:<{w}}  {role:<9} {n.checkpoint or '-'}")
+        lines.append("  gates (row t = learner, column s = source, diagonal = label):")
+        gw = max(len(g) for g in GATE_NAMES)
+        lines.append("  " + " " * 5 + " ".join(f"{s:>{gw}}" for s in range(m)))
+        for t, row in enumerate(self.gates):
+            lines.append(f"  {t:<5}" + " ".join(f"{g:>{gw}}" for g in row))
+        return "\n".join(lines)
+
+
+def _model_list(models: Sequence[str]) -> list[str]:
+    if isinstance(models, str) or not isinstance(models, Sequence):
+        raise TypeError(f"models: expected a list of model names, got {type(models).__name__}")
+    out = list(models)
+    if not out:
+        raise ValueError("models: a graph needs at least one model")
+    for i, name in enumerate(out):
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"models[{i}]: expected a non-empty model name, got {name!r}")
+    return [name.strip() for name in out]
+
+
+def _checkpoint_list(checkpoints: Optional[Sequence[Optional[str]]], m: int) -> list[Optional[str]]:
+    if checkpoints is None:
+        return [None] * m
+    if isinstance(checkpoints, str) or not isinstance(checkpoints, Sequence):
+        raise TypeError(f"checkpoints: expected a list with one path (or None) per node, "
+                        f"got {type(checkpoints).__name__}")
+    if len(checkpoints) != m:
+        raise ValueError(f"checkpoints: got {len(checkpoints)} entries for {m} nodes (use None for no checkpoint)")
+    out: list[Optional[str]] = []
+    for i, c in enumerate(checkpoints):
+        if isinstance(c, os.PathLike):
+            c = os.fspath(c)
+        if c is not None and not isinstance(c, str):
+            raise TypeError(f"checkpoints[{i}]: expected a path or None, got {type(c).__name__}")
+        if c is not None and c.strip().lower() in ("", "none"):
+            c = None
+        out.append(c)
+    return out
+
+
+def _node_from_dict(i: int, raw: Any) -> Node:
+    where = f"nodes[{i}]"
+    if isinstance(raw, str):  # shorthand for hand-written files: just the model name
+        raw = {"model": raw}
+    if not isinstance(raw, Mapping):
+        raise TypeError(f"{where}: expected an object or a model name, got {type(raw).__name__}")
+    unknown = [k for k in raw if k not in _NODE_KEYS]
+    if unknown:
+        raise ValueError(f"{where}.{unknown[0]}: unknown key; a node has {', '.join(_NODE_KEYS)}")
+    if "model" not in raw:
+        raise ValueError(f"{where}.model: missing")
+    model = raw["model"]
+    if not isinstance(model, str):
+        raise TypeError(f"{where}.model: expected a string, got {type(model).__name__}")
+    kwargs = raw.get("model_kwargs", {})
+    if kwargs is None:
+        kwargs = {}
+    if not isinstance(kwargs, dict):
+        raise TypeError(f"{where}.model_kwargs: expected an object, got {type(kwargs).__name__}")
+    checkpoint = raw.get("checkpoint")
+    if checkpoint is not None and not isinstance(checkpoint, str):
+        raise TypeError(f"{where}.checkpoint: expected a string or null, got {type(checkpoint).__name__}")
+    frozen = raw.get("frozen", False)
+    if not isinstance(frozen, bool):
+        raise TypeError(f"{where}.frozen: expected true or false, got {type(frozen).__name__}")
+    return Node(model, dict(kwargs), checkpoint, frozen)
