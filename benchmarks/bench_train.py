@@ -6,9 +6,10 @@ Side by side, on the same CIFAR-10 images, per device:
             feeds per-sample transforms, and every node's own SGD steps after one backward
             of the summed losses
   ours      ``GraphTrainer._train_epoch``: the decoded uint8 split sliced in batches, whole-batch
-            augmentation on the device, the fused KTG loss, one backward; bf16 autocast and
-            channels_last on a GPU, fp32 NCHW on CPU (``--mixed-precision``, ``--channels-last``
-            override), torch.compile with ``--compile``
+            augmentation on the device, the fused KTG loss, one backward; bf16 autocast on a
+            GPU, fp32 on CPU, channels_last as the trainer defaults it (on for CPU and mixed
+            precision; ``--mixed-precision``, ``--channels-last`` override), torch.compile with
+            ``--compile``
 
 Each variant runs in its own subprocess of this script (the Accelerator is a process-wide
 singleton, and memory and compile state stay apart); the two are driven epoch by epoch in
@@ -103,7 +104,8 @@ class _Ours(_Variant):
 
         on_gpu = self.device.type == "cuda"
         precision = args.mixed_precision if args.mixed_precision != "auto" else ("bf16" if on_gpu else "no")
-        channels_last = on_gpu if args.channels_last == "auto" else args.channels_last == "yes"
+        # auto: the trainer's own default (NHWC on CPU and under mixed precision)
+        channels_last = None if args.channels_last == "auto" else args.channels_last == "yes"
         acc = Accelerator(mixed_precision=precision, cpu=not on_gpu)
         cfg = TrainConfig(dataset="cifar10", data_dir=str(args.data_dir), train_subset=len(data.train),
                           eval_subset=len(data.eval), epochs=1 + args.repeats, batch_size=args.batch_size,
@@ -113,7 +115,7 @@ class _Ours(_Variant):
         kernel = self.device.type in timm_dcl.kernels_available()
         self.info = {
             "precision": {"no": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}[precision],
-            "layout": "channels_last" if channels_last else "NCHW",
+            "layout": "channels_last" if self.trainer.channels_last else "NCHW",
             "loss": "fused kernel" if kernel else f"reference (no {self.device.type} kernel)",
             "data": "BatchLoader + augment_batch" + (" (on the GPU)" if on_gpu else ""),
             "compile": bool(args.compile),

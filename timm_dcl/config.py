@@ -31,7 +31,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "default" in text or action.default in (None, False) or action.default is argparse.SUPPRESS:
+        if "default" in text or action.default is None or action.default is False or action.default is argparse.SUPPRESS:
             return text
         return super()._get_help_string(action)
 
@@ -59,7 +59,7 @@ class TrainConfig:
     seed: int = 0
     # runtime
     mixed_precision: Optional[str] = None  # None: whatever the accelerate config says
-    channels_last: bool = False
+    channels_last: Optional[bool] = None  # None: on for CPU and for mixed precision, where oneDNN/cuDNN prefer NHWC
     compile: bool = False
     output: Optional[str] = None  # None: write nothing (search trials may)
     resume: Optional[str] = None
@@ -132,19 +132,20 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
 
 def add_train_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("training (defaults: the paper's recipe)")
-    g.add_argument("--epochs", type=int, default=200)
+    g.add_argument("--epochs", type=int, default=200, help="training epochs")
     g.add_argument("--batch-size", "-b", type=int, default=64, help="per process")
-    g.add_argument("--lr", type=float, default=0.1)
-    g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--weight-decay", type=float, default=5e-4)
-    g.add_argument("--sched", default="multistep", choices=SCHEDULERS)
+    g.add_argument("--lr", type=float, default=0.1, help="initial learning rate of every node")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD Nesterov momentum")
+    g.add_argument("--weight-decay", type=float, default=5e-4, help="L2 weight decay")
+    g.add_argument("--sched", default="multistep", choices=SCHEDULERS, help="learning-rate schedule, per epoch")
     g.add_argument("--decay-milestones", type=int, nargs="+", default=None, metavar="EPOCH",
                    help="multistep decay epochs (default: 30/60/90%% of --epochs)")
-    g.add_argument("--decay-rate", type=float, default=0.1)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--decay-rate", type=float, default=0.1, help="multistep factor")
+    g.add_argument("--seed", type=int, default=0, help="seeds initialisation, subsets, order and augmentation")
     g.add_argument("--mixed-precision", default=None, choices=MIXED_PRECISION,
                    help="overrides the accelerate config")
-    g.add_argument("--channels-last", action="store_true")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="NHWC memory format (default: on for CPU and mixed precision)")
     g.add_argument("--compile", action="store_true", help="torch.compile every node")
     g.add_argument("--no-progress", dest="progress_bar", action="store_false", help="no tqdm bars")
 

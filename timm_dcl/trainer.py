@@ -102,6 +102,8 @@ class GraphTrainer:
                                   eval_subset=cfg.eval_subset, val_size=cfg.val_size, seed=cfg.seed,
                                   num_workers=cfg.workers)
         self.data = data
+        self.channels_last = (cfg.channels_last if cfg.channels_last is not None
+                              else acc.device.type == "cpu" or acc.mixed_precision in ("fp16", "bf16"))
         self.num_classes = data.num_classes
         self.eval_data = data.val if cfg.eval_split == "val" else data.eval
         if self.eval_data is None:
@@ -162,7 +164,7 @@ class GraphTrainer:
             load_node_weights(spec.checkpoint, model, model_name=spec.model, num_classes=self.num_classes,
                               where=where)
             model.eval().requires_grad_(False)
-        if self.cfg.channels_last:
+        if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         return _Node(index, spec, model, spec.frozen)
 
@@ -201,7 +203,7 @@ class GraphTrainer:
         out = {}
         for key, (mean, std) in self._norms.items():
             xn = (x - mean) / std
-            if self.cfg.channels_last:
+            if self.channels_last:
                 xn = xn.contiguous(memory_format=torch.channels_last)
             out[key] = xn
         return out

@@ -1,0 +1,364 @@
+"""Forward + backward time of the fused KTG loss against the ways it was computed before.
+
+Side by side, per shape (M nodes, batch B, C classes):
+  loop      the authors' edge-by-edge loop (softmax, KL as p·log(p/q + ε), gate, per edge)
+  reference timm_dcl.ktg_loss_reference in eager mode
+  compiled  torch.compile of the reference (compiled once per shape, outside the timing)
+  fused     timm_dcl.ktg_loss (one kernel each way where the extension is built)
+and the floor: bytes moved over the measured memory bandwidth, against the exp count over
+the measured exp throughput on CPU, or two launches' latency on CUDA; the larger counts.
+
+    python benchmarks/bench_loss.py                  # full sweep, cpu (+ cuda if present)
+    python benchmarks/bench_loss.py --quick --no-compile
+    python benchmarks/bench_loss.py --device cuda --output bench.md
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain checkout too
+import timm_dcl  # noqa: E402
+from timm_dcl import kernels_available, ktg_loss, ktg_loss_reference  # noqa: E402
+from timm_dcl.gates import GATE_NAMES  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
+          "bfloat16": torch.bfloat16}
+VARIANTS = ("loop", "reference", "compiled", "fused")
+STATS = {"median": statistics.median, "min": min}
+
+
+# ----------------------------------------------------------------------------- the authors' loop
+
+def edge_loop_loss(logits: list[torch.Tensor], labels: torch.Tensor, gates: list[list[str]],
+                   temperature: float = 1.0, progress: float = 1.0, eps: float = 1e-7) -> torch.Tensor:
+    """The loss as the original KTG code computes it: every edge separately, then its gate.
+
+    Each edge's per-sample loss is computed even where the gate cuts it off, and the KL is
+    p·log(p/(q + ε) + ε) of two softmaxes; this is what the fused op replaces.
+    """
+    T = temperature
+    losses = []
+    for t, target in enumerate(logits):
+        edges = []
+        for s, source in enumerate(logits):
+            if s == t:
+                per_sample = F.cross_entropy(target, labels, reduction="none")
+                source_logits = torch.eye(target.shape[1], device=target.device)[labels]  # the label as a source
+            else:
+                p_s = F.softmax(source.detach() / T, dim=1)
+                q_t = F.softmax(target / T, dim=1)
+                per_sample = (p_s * torch.log(p_s / (q_t + eps) + eps)).sum(dim=1) * (T * T)
+                source_logits = source.detach()
+            gate = gates[t][s]
+            if gate == "through":
+                edge = per_sample.mean()
+            elif gate == "cutoff":
+                edge = torch.zeros_like(per_sample[0], requires_grad=True).sum()
+            elif gate == "linear":
+                edge = per_sample.mean() * progress
+            else:  # correct: keep the samples the source gets right, divide by the whole batch
+                mask = (source_logits.argmax(dim=1) == labels).to(per_sample.dtype)
+                edge = (per_sample * mask).mean()
+            edges.append(edge)
+        losses.append(torch.stack(edges).sum())
+    return torch.stack(losses)
+
+
+# ----------------------------------------------------------------------------- timing
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_it(step, device: torch.device, repeats: int, budget_s: float, stat=statistics.median) -> float:
+    """Seconds per call: warm up, size the inner loop to the budget, then the median of the repeats."""
+    for _ in range(2):
+        step()
+    synchronize(device)
+    t0 = time.perf_counter()
+    step()
+    synchronize(device)
+    once = max(time.perf_counter() - t0, 1e-6)
+    inner = max(1, int(budget_s / repeats / once))
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            step()
+        synchronize(device)
+        samples.append((time.perf_counter() - t0) / inner)
+    return stat(samples)
+
+
+@dataclass
+class Machine:
+    """Measured limits of the device, for the floor."""
+    bandwidth: float            # bytes/s of a large copy (read + write)
+    exp_rate: float = 0.0       # exps/s on cache-resident data, all threads (CPU)
+    launch: float = 0.0         # s for one tiny kernel launch + sync (CUDA)
+
+    def floor(self, M: int, B: int, C: int, itemsize: int, temperature: float, device: torch.device):
+        # The op reads the logits forward, reads them again backward and writes the gradient.
+        bytes_moved = 3 * M * B * C * itemsize + B * 8
+        memory = bytes_moved / self.bandwidth
+        if device.type == "cuda":
+            return max(memory, 2 * self.launch), memory, 2 * self.launch
+        # softmax(z/T) of every node forward and again backward; softmax(z) too when T ≠ 1.
+        exps = 2 * M * B * C * (1 if temperature == 1.0 else 2)
+        compute = exps / self.exp_rate
+        return max(memory, compute), memory, compute
+
+
+def measure_machine(device: torch.device) -> Machine:
+    """Peak copy bandwidth and exp rate (best of the repeats: a limit, not a typical time)."""
+    n = (256 << 20) // 4 if device.type == "cuda" else (128 << 20) // 4
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    copy = time_it(lambda: dst.copy_(src), device, repeats=5, budget_s=0.5, stat=min)
+    machine = Machine(bandwidth=2 * src.numel() * src.element_size() / copy)
+    del src, dst
+    if device.type == "cuda":
+        tiny = torch.zeros(1, device=device)
+
+        def launch():
+            tiny.add_(1)
+            torch.cuda.synchronize(device)
+        machine.launch = time_it(launch, device, repeats=9, budget_s=0.2, stat=min)
+    else:
+        # Timed on one thread (a parallel region waiting for a busy core would time the
+        # scheduler, not exp) on 64 KiB that stay in cache, then scaled by the thread count.
+        threads = torch.get_num_threads()
+        x = torch.randn(1 << 14)
+        out = torch.empty_like(x)
+        torch.set_num_threads(1)
+        try:
+            per_thread = x.numel() / time_it(lambda: torch.exp(x, out=out), device, repeats=9, budget_s=0.3,
+                                             stat=min)
+        finally:
+            torch.set_num_threads(threads)
+        machine.exp_rate = per_thread * threads
+    return machine
+
+
+# ----------------------------------------------------------------------------- one row
+
+@dataclass
+class Row:
+    device: str
+    M: int
+    B: int
+    C: int
+    gates: str
+    times: dict = field(default_factory=dict)   # variant -> seconds
+    floor: float = 0.0
+    floor_parts: tuple = ()
+    compile_s: float = 0.0
+    bars: list = field(default_factory=list)    # (text, passed)
+
+
+def mixed_gates(M: int) -> list[list[str]]:
+    gen = torch.Generator().manual_seed(M)
+    codes = torch.randint(len(GATE_NAMES), (M, M), generator=gen).tolist()
+    for n in range(M):  # every gate type appears, and every node still learns from its label
+        codes[n][n] = 0
+        codes[n][(n + 1) % M] = 1 + n % 3
+    return [[GATE_NAMES[c] for c in row] for row in codes]
+
+
+def run_row(device: torch.device, M: int, B: int, C: int, gates_kind: str, args, machine: Machine,
+            compile_this: bool) -> Row:
+    dtype = DTYPES[args.dtype]
+    gates = [["through"] * M for _ in range(M)] if gates_kind == "through" else mixed_gates(M)
+    T, progress = args.temperature, 0.5
+    gen = torch.Generator(device=device).manual_seed(M * 1000 + B + C)
+    z = (torch.randn(M, B, C, generator=gen, device=device) * 2).to(dtype).requires_grad_(True)
+    y = torch.randint(C, (B,), generator=gen, device=device)
+    parts = [zn.detach().clone().requires_grad_(True) for zn in z]  # separate networks' outputs
+
+    def reset():
+        z.grad = None
+        for p in parts:
+            p.grad = None
+
+    def stepper(fn, inputs):
+        def step():
+            reset()
+            fn(inputs, y).sum().backward()
+        return step
+
+    fns = {
+        "loop": (lambda zz, yy: edge_loop_loss(zz, yy, gates, T, progress), parts),
+        "reference": (lambda zz, yy: ktg_loss_reference(zz, yy, gates, temperature=T, progress=progress), z),
+        "fused": (lambda zz, yy: ktg_loss(zz, yy, gates, temperature=T, progress=progress), z),
+    }
+    row = Row(device.type, M, B, C, gates_kind)
+    if compile_this:
+        torch.compiler.reset()
+        compiled = torch.compile(fns["reference"][0], dynamic=False)
+        t0 = time.perf_counter()
+        stepper(compiled, z)()  # compiles forward and backward here, outside the timing
+        row.compile_s = time.perf_counter() - t0
+        fns["compiled"] = (compiled, z)
+
+    for name in VARIANTS:
+        if name in fns:
+            row.times[name] = time_it(stepper(*fns[name]), device, args.repeats, args.budget, STATS[args.stat])
+    row.floor, *parts_ = machine.floor(M, B, C, z.element_size(), T, device)
+    row.floor_parts = tuple(parts_)
+    return row
+
+
+# ----------------------------------------------------------------------------- bars
+
+BAR_SHAPES = {"cpu": [(7, 128, 100), (3, 64, 100)], "cuda": [(7, 128, 100), (7, 4096, 1000)]}
+
+
+def judge(row: Row, args) -> None:
+    """Attach the issue's bars that apply to this row."""
+    if row.gates != "through" or args.dtype != "float32":
+        return
+    t = row.times
+    shape = (row.M, row.B, row.C)
+    if row.device == "cpu" and args.threads != 2:
+        return
+    if shape == (7, 128, 100):
+        ratio = t["loop"] / t["fused"]
+        row.bars.append((f"{row.device} M=7 B=128 C=100: fused ≥ 20× loop (got {ratio:.1f}×)", ratio >= 20))
+        if row.device == "cpu":
+            if "compiled" in t:
+                ratio = t["compiled"] / t["fused"]
+                row.bars.append((f"cpu M=7 B=128 C=100: fused ≥ 2× compiled reference (got {ratio:.1f}×)",
+                                 ratio >= 2))
+            else:
+                row.bars.append(("cpu M=7 B=128 C=100: fused ≥ 2× compiled reference (not measured: --no-compile)",
+                                 None))
+    if row.device == "cpu" and shape == (3, 64, 100):
+        ratio = t["loop"] / t["fused"]
+        row.bars.append((f"cpu M=3 B=64 C=100: fused ≥ 6× loop (got {ratio:.1f}×)", ratio >= 6))
+    if row.device == "cuda" and (row.B, row.C) == (4096, 1000):
+        ratio = t["fused"] / row.floor
+        row.bars.append((f"cuda M={row.M} B=4096 C=1000: fused within 3× of the floor (got {ratio:.2f}×)",
+                         ratio <= 3))
+
+
+# ----------------------------------------------------------------------------- output
+
+def ms(seconds: float | None) -> str:
+    return "—" if seconds is None else f"{seconds * 1e3:.3f}"
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    return "—" if a is None or b is None else f"{a / b:.1f}×"
+
+
+def table(rows: list[Row]) -> str:
+    head = ("| device | M | B | C | gates | loop ms | reference ms | compiled ms | fused ms | "
+            "loop/fused | ref/fused | compiled/fused | floor ms | fused/floor |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        t = r.times
+        lines.append(
+            f"| {r.device} | {r.M} | {r.B} | {r.C} | {r.gates} | {ms(t.get('loop'))} | {ms(t.get('reference'))} | "
+            f"{ms(t.get('compiled'))} | {ms(t.get('fused'))} | {ratio(t.get('loop'), t.get('fused'))} | "
+            f"{ratio(t.get('reference'), t.get('fused'))} | {ratio(t.get('compiled'), t.get('fused'))} | "
+            f"{ms(r.floor)} | {ratio(t.get('fused'), r.floor)} |")
+    return "\n".join(lines)
+
+
+def summary(rows: list[Row], machines: dict, args) -> str:
+    lines = [f"torch {torch.__version__}, {platform.processor() or platform.machine()}, dtype {args.dtype}, "
+             f"T = {args.temperature}, CPU threads {args.threads}, {args.stat} of {args.repeats} repeats, "
+             f"kernels_available() = {sorted(kernels_available())}"]
+    for dev, m in machines.items():
+        extra = (f", launch+sync {m.launch * 1e6:.1f} µs" if dev == "cuda"
+                 else f", exp throughput {m.exp_rate / 1e9:.2f} G/s ({args.threads} threads)")
+        lines.append(f"{dev}: copy bandwidth {m.bandwidth / 1e9:.1f} GB/s{extra}")
+    compiles = [f"{r.device} M={r.M} B={r.B} C={r.C}: {r.compile_s:.1f} s" for r in rows if r.compile_s]
+    if compiles:
+        lines.append("torch.compile time (not in the table): " + "; ".join(compiles))
+    lines.append("floor ms = max(bytes moved / bandwidth, exps / exp throughput) on CPU, "
+                 "max(bytes moved / bandwidth, 2 launches) on CUDA")
+    lines.append("")
+    lines.append("Bars:")
+    bars = [b for r in rows for b in r.bars]
+    for text, passed in bars:
+        lines.append(f"- {'PASS' if passed else ('FAIL' if passed is False else 'SKIP')}: {text}")
+    if not bars:
+        lines.append("- none apply (the bars are for float32 and, on CPU, --threads 2)")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- main
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", choices=("cpu", "cuda", "all"), default="all",
+                    help="'all' = cpu, and cuda when a GPU is present")
+    ap.add_argument("--quick", action="store_true", help="bar shapes and a few others, shorter timing")
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads (the CPU bars assume 2)")
+    ap.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--compile", choices=("bars", "all", "none"), default="bars",
+                    help="which shapes get the torch.compile variant (compiling is the slow part)")
+    ap.add_argument("--no-compile", dest="compile", action="store_const", const="none")
+    ap.add_argument("--repeats", type=int, default=None, help="timed repeats per variant (median)")
+    ap.add_argument("--budget", type=float, default=None, help="seconds of timing per variant")
+    ap.add_argument("--stat", choices=tuple(STATS), default="median",
+                    help="statistic over the repeats ('min' resists a machine shared with other work)")
+    ap.add_argument("--output", type=Path, help="also write the table and the summary as markdown here")
+    args = ap.parse_args(argv)
+    args.repeats = args.repeats or (5 if args.quick else 7)
+    args.budget = args.budget or (0.15 if args.quick else 0.4)
+    return args
+
+
+def shapes_for(device: str, quick: bool) -> list[tuple[int, int, int, str]]:
+    sweep = [(M, B, C) for M in (2, 3, 5, 7) for B in (64, 256) for C in (10, 100, 1000)]
+    if quick:
+        sweep = [(2, 64, 10), (5, 256, 1000)]
+    shapes = list(dict.fromkeys(BAR_SHAPES[device] + sweep))  # bars first, no duplicates
+    return [(M, B, C, "through") for M, B, C in shapes] + [(7, 128, 100, "mixed")]
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
+    if "cuda" in devices and not torch.cuda.is_available():
+        if args.device == "cuda":
+            sys.exit("--device cuda: no CUDA device")
+        devices.remove("cuda")
+    for dev in devices:
+        if dev not in kernels_available():
+            print(f"warning: no compiled {dev} kernel; 'fused' times the reference fallback", file=sys.stderr)
+
+    machines = {dev: measure_machine(torch.device(dev)) for dev in devices}
+    jobs = [(dev, shape) for dev in devices for shape in shapes_for(dev, args.quick)]
+    rows = []
+    for dev, (M, B, C, gates_kind) in tqdm(jobs, desc="bench", unit="shape", file=sys.stderr):
+        is_bar = (M, B, C) in BAR_SHAPES[dev] and gates_kind == "through"
+        compile_this = args.compile == "all" or (args.compile == "bars" and is_bar and (M, B, C) == (7, 128, 100))
+        row = run_row(torch.device(dev), M, B, C, gates_kind, args, machines[dev], compile_this)
+        judge(row, args)
+        rows.append(row)
+
+    text = table(rows) + "\n\n" + summary(rows, machines, args) + "\n"
+    print(text)
+    if args.output:
+        args.output.write_text("# KTG loss benchmark\n\n" + text)
+    return 1 if any(passed is False for r in rows for _, passed in r.bars) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,436 @@
+// Math shared by the CPU (ktg_loss.cpp) and CUDA (ktg_loss_cuda.cu) kernels of the
+// Knowledge Transfer Graph loss (SPEC §2).
+//
+// Everything here is header-only and compiled for both host and device, so the two
+// backends evaluate the same formulas; the kernel files add only the thread layout,
+// the memory traffic and the reductions. The per-class helpers are templates over a
+// "value" type V: a scalar on the GPU (one thread per class) and a SIMD lane vector on
+// the CPU (defined in ktg_loss.cpp), so the lane code is the same source.
+//
+// Shifted statistics. For node n of one sample let mx = max_c z_c, and
+//   ls1 = log Σ_c exp(z_c − mx),   lsT = log Σ_c exp((z_c − mx)/T).
+// Then logsumexp(z) = mx + ls1 and logsumexp(z/T) = mx/T + lsT. Keeping (mx, ls) apart
+// instead of their sum matters in float32: for logits of 1e4 the sum would round to a
+// multiple of 1e-3 and the softmax rebuilt from it would lose three digits. With
+// u_c = z_c − mx the probabilities are exp(u_c/T − lsT), and
+//   T²·KL(p_s || q_t) = T·Σ_c p_s,c (u_s,c − u_t,c) + T²·(lsT_t − lsT_s)
+// where the logits are subtracted before they are weighted and both terms stay small.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <math.h>
+
+#if defined(__CUDACC__)
+#define KTG_HD __host__ __device__ __forceinline__
+#define KTG_UNROLL _Pragma("unroll")
+#elif defined(_MSC_VER)
+#define KTG_HD __forceinline
+#define KTG_UNROLL
+#else
+#define KTG_HD inline __attribute__((always_inline))
+#define KTG_UNROLL
+#endif
+
+namespace ktg {
+
+// The fused kernels handle at most this many nodes (M). The Python wrapper falls back
+// to the reference implementation above it. Gate masks are 32-bit, so this is ≤ 32.
+constexpr int kMaxNodes = 16;
+
+// Gate codes: the ABI of timm_dcl/gates.py (Gate IntEnum). Change both or neither.
+enum GateCode : int { kThrough = 0, kCutoff = 1, kLinear = 2, kCorrect = 3, kNumGateCodes = 4 };
+
+KTG_HD double gate_weight(int code, double progress) {
+  return code == kCutoff ? 0.0 : (code == kLinear ? progress : 1.0);
+}
+
+KTG_HD bool has_bit(uint32_t mask, int i) { return (mask >> i) & 1u; }
+
+// The decoded gate matrix of one call. Plain data: it is passed by value to the CUDA
+// kernels (about 2.7 KB of kernel parameters).
+struct Plan {
+  int M;
+  double temperature;
+  double inv_temperature;
+  bool unit_temperature;          // T == 1: the tempered and plain softmax coincide
+  uint32_t label_mask;            // bit t: the label edge into t is open
+  uint32_t kd_in[kMaxNodes];      // bit s of kd_in[t]: the knowledge edge s→t (s≠t) is open
+  uint32_t correct_in[kMaxNodes]; // bit s of correct_in[t]: that edge is a correct gate
+  uint32_t source_mask;           // nodes that teach through at least one open edge
+  uint32_t kd_target_mask;        // nodes that learn through at least one open knowledge edge
+  uint32_t target_mask;           // nodes with at least one open incoming edge
+  double weight[kMaxNodes][kMaxNodes];  // weight[t][s]: gate weight, 0 for cutoff
+  // The open knowledge edges as a compact list ordered by target, then source: edge e
+  // goes edge_src[e] → edge_tgt[e]; the edges into t are [edge_begin[t], edge_begin[t+1]).
+  // The CPU loops over it; the GPU uses the masks with unrolled loops instead, because a
+  // register array cannot be indexed by a runtime value.
+  int num_edges;
+  uint8_t edge_src[kMaxNodes * (kMaxNodes - 1)];
+  uint8_t edge_tgt[kMaxNodes * (kMaxNodes - 1)];
+  uint8_t edge_begin[kMaxNodes + 1];
+};
+
+// codes: M*M gate codes, row-major, codes[t*M + s] = gate of the edge s → t. The caller
+// has validated M ≤ kMaxNodes, the codes and the temperature.
+inline Plan make_plan(const int64_t* codes, int M, double temperature, double progress) {
+  Plan p;
+  std::memset(&p, 0, sizeof(p));
+  p.M = M;
+  p.temperature = temperature;
+  p.inv_temperature = 1.0 / temperature;
+  p.unit_temperature = temperature == 1.0;
+  for (int t = 0; t < M; ++t) {
+    for (int s = 0; s < M; ++s) {
+      const int code = static_cast<int>(codes[t * M + s]);
+      p.weight[t][s] = gate_weight(code, progress);
+      if (code == kCutoff) continue;
+      p.target_mask |= 1u << t;
+      if (s == t) {
+        p.label_mask |= 1u << t;  // "correct" on the diagonal is "through": the label is right
+      } else {
+        p.kd_in[t] |= 1u << s;
+        p.source_mask |= 1u << s;
+        p.kd_target_mask |= 1u << t;
+        if (code == kCorrect) p.correct_in[t] |= 1u << s;
+      }
+    }
+  }
+  for (int t = 0; t < M; ++t) {
+    p.edge_begin[t] = static_cast<uint8_t>(p.num_edges);
+    for (int s = 0; s < M; ++s) {
+      if (!((p.kd_in[t] >> s) & 1u)) continue;
+      p.edge_src[p.num_edges] = static_cast<uint8_t>(s);
+      p.edge_tgt[p.num_edges] = static_cast<uint8_t>(t);
+      ++p.num_edges;
+    }
+  }
+  p.edge_begin[M] = static_cast<uint8_t>(p.num_edges);
+  return p;
+}
+
+// ---------------------------------------------------------------------------------
+// exp / log. float: a branch-free Cephes-style exp (Cody–Waite reduction, degree-6
+// polynomial, ≤ 2 ulp on the range used) that the CPU compiler can vectorise and the
+// GPU evaluates with FMAs; it is exact enough (~2e-7 relative) that no fast-math
+// intrinsic is needed. Inputs below kExpLo give 0, inputs above kExpHi saturate at
+// exp(kExpHi), NaN stays NaN. double: the C library, full precision.
+// ---------------------------------------------------------------------------------
+constexpr float kExpLo = -87.0f;
+constexpr float kExpHi = 88.0f;
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kRoundMagic = 12582912.0f;  // 1.5·2^23: adding it rounds to an integer
+constexpr float kLn2Hi = 0.693359375f;
+constexpr float kLn2Lo = -2.12194440e-4f;
+constexpr float kExpP0 = 1.9875691500e-4f;
+constexpr float kExpP1 = 1.3981999507e-3f;
+constexpr float kExpP2 = 8.3334519073e-3f;
+constexpr float kExpP3 = 4.1665795894e-2f;
+constexpr float kExpP4 = 1.6666665459e-1f;
+constexpr float kExpP5 = 5.0000001201e-1f;
+
+// exp(r) for |r| ≤ ln2/2; V is float or a GCC float vector (ktg_loss.cpp).
+template <class V>
+KTG_HD V exp_poly(V r) {
+  V p = r * kExpP0 + kExpP1;
+  p = p * r + kExpP2;
+  p = p * r + kExpP3;
+  p = p * r + kExpP4;
+  p = p * r + kExpP5;
+  return p * r * r + r + 1.0f;
+}
+
+KTG_HD float pow2_int(int n) {  // 2^n for n in [-126, 127]
+  const int32_t bits = (n + 127) << 23;
+#if defined(__CUDA_ARCH__)
+  return __int_as_float(bits);
+#else
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+#endif
+}
+
+KTG_HD float ktg_exp(float x) {
+  float xc = x > kExpLo ? x : kExpLo;  // also maps NaN to a finite value: no UB below
+  xc = xc < kExpHi ? xc : kExpHi;
+  const float n = (xc * kLog2e + kRoundMagic) - kRoundMagic;
+  const float r = (xc - n * kLn2Hi) - n * kLn2Lo;
+  float y = exp_poly(r) * pow2_int(static_cast<int>(n));
+  y = x < kExpLo ? 0.0f : y;
+  return x != x ? x : y;
+}
+
+KTG_HD double ktg_exp(double x) { return ::exp(x); }
+KTG_HD float ktg_log(float x) { return ::logf(x); }
+KTG_HD double ktg_log(double x) { return ::log(x); }
+
+// INFINITY / NAN rather than std::numeric_limits: usable in device code without
+// --expt-relaxed-constexpr.
+template <class A>
+KTG_HD A neg_infinity() { return -static_cast<A>(INFINITY); }
+
+template <class A>
+KTG_HD A quiet_nan() { return static_cast<A>(NAN); }
+
+// ---------------------------------------------------------------------------------
+// Per-node statistics of one sample.
+// ---------------------------------------------------------------------------------
+template <class A>
+struct NodeStat {
+  A mx;   // max_c z_c
+  A ls1;  // log Σ exp(z − mx)
+  A lsT;  // log Σ exp((z − mx)/T)
+};
+
+// A running (online) max / sum-exp / first-argmax over some classes, for layouts that
+// see each class once (the GPU). `bad` collects z − z, which is NaN exactly when a
+// logit is ±inf or NaN; it is added to the logs at the end so that a non-finite logit
+// makes its node's statistics (and everything computed from them) NaN.
+template <class A>
+struct RunningLse {
+  A m;
+  A s1;
+  A sT;
+  A bad;
+  int64_t arg;  // first index of the maximum; INT64_MAX when nothing was seen
+};
+
+template <class A>
+KTG_HD void lse_init(RunningLse<A>& r) {
+  r.m = neg_infinity<A>();
+  r.s1 = A(0);
+  r.sT = A(0);
+  r.bad = A(0);
+  r.arg = INT64_MAX;
+}
+
+// Add class c with logit v. Classes must arrive in increasing c per accumulator so the
+// strict comparison keeps the lowest index on ties.
+template <class A>
+KTG_HD void lse_push(RunningLse<A>& r, A v, int64_t c, A inv_t) {
+  r.bad += v - v;
+  if (v > r.m) {
+    const A d = r.m - v;  // −inf on the first finite class: exp gives 0
+    r.s1 = r.s1 * ktg_exp(d) + A(1);
+    r.sT = r.sT * ktg_exp(d * inv_t) + A(1);
+    r.m = v;
+    r.arg = c;
+  } else {
+    const A d = v - r.m;
+    r.s1 += ktg_exp(d);
+    r.sT += ktg_exp(d * inv_t);
+  }
+}
+
+// a ← a ∪ b. Ties of the maximum keep the lower class index.
+template <class A>
+KTG_HD void lse_merge(RunningLse<A>& a, const RunningLse<A>& b, A inv_t) {
+  a.bad += b.bad;
+  if (b.arg == INT64_MAX) return;  // b saw nothing
+  if (a.arg == INT64_MAX) {
+    a.m = b.m; a.s1 = b.s1; a.sT = b.sT; a.arg = b.arg;
+    return;
+  }
+  const bool take_b = b.m > a.m || (b.m == a.m && b.arg < a.arg);
+  const A m = take_b ? b.m : a.m;
+  const A da = a.m - m, db = b.m - m;
+  a.s1 = a.s1 * ktg_exp(da) + b.s1 * ktg_exp(db);
+  a.sT = a.sT * ktg_exp(da * inv_t) + b.sT * ktg_exp(db * inv_t);
+  a.m = m;
+  a.arg = take_b ? b.arg : a.arg;
+}
+
+template <class A>
+KTG_HD NodeStat<A> stat_from_logs(A mx, A log_s1, A log_sT, A bad, bool unit_temperature) {
+  NodeStat<A> st;
+  st.mx = mx;
+  st.ls1 = log_s1 + bad;
+  st.lsT = unit_temperature ? st.ls1 : log_sT + bad;
+  return st;
+}
+
+template <class A>
+KTG_HD NodeStat<A> finalize_stat(A mx, A s1, A sT, A bad, bool unit_temperature) {
+  return stat_from_logs(mx, ktg_log(s1), unit_temperature ? A(0) : ktg_log(sT), bad,
+                        unit_temperature);
+}
+
+// logsumexp(z/T), logsumexp(z): the first two columns of the stats output.
+template <class A>
+KTG_HD A lse_tempered(const NodeStat<A>& st, A inv_t) { return st.mx * inv_t + st.lsT; }
+template <class A>
+KTG_HD A lse_plain(const NodeStat<A>& st) { return st.mx + st.ls1; }
+
+// ---------------------------------------------------------------------------------
+// Per-class work. MAXM is a compile-time bound on M (kMaxNodes on the CPU, a smaller
+// bucket on the GPU so the per-node arrays live in registers); loops run to MAXM and
+// test s < M so the GPU can unroll them with constant indices.
+// ---------------------------------------------------------------------------------
+
+// Probabilities of one class: pT[n] = softmax(z_n/T) for nodes in t_mask, p1[n] =
+// softmax(z_n) for nodes in one_mask. u[n] = z_n − mx_n.
+template <int MAXM, class V, class A>
+KTG_HD void class_probs(const Plan& plan, const NodeStat<A>* st, const V* u, uint32_t t_mask,
+                        uint32_t one_mask, V* pT, V* p1) {
+  const A inv_t = static_cast<A>(plan.inv_temperature);
+  KTG_UNROLL
+  for (int n = 0; n < MAXM; ++n) {
+    if (n >= plan.M) break;
+    if (has_bit(t_mask, n)) pT[n] = ktg_exp(u[n] * inv_t - st[n].lsT);
+    if (has_bit(one_mask, n)) {
+      if (plan.unit_temperature && has_bit(t_mask, n)) {
+        p1[n] = pT[n];
+      } else {
+        p1[n] = ktg_exp(u[n] - st[n].ls1);
+      }
+    }
+  }
+}
+
+// D[s*MAXM + t] += p_s · (u_s − u_t) for every open knowledge edge s → t.
+template <int MAXM, class V>
+KTG_HD void accumulate_kd(const Plan& plan, const V* u, const V* pT, V* D) {
+  KTG_UNROLL
+  for (int s = 0; s < MAXM; ++s) {
+    if (s >= plan.M) break;
+    if (!has_bit(plan.source_mask, s)) continue;
+    KTG_UNROLL
+    for (int t = 0; t < MAXM; ++t) {
+      if (t >= plan.M) break;
+      if (has_bit(plan.kd_in[t], s)) D[s * MAXM + t] += pT[s] * (u[s] - u[t]);
+    }
+  }
+}
+
+// The same over the compact edge list: D[e] += p_src · (u_src − u_tgt).
+template <class V>
+KTG_HD void accumulate_kd_edges(const Plan& plan, const V* u, const V* pT, V* D) {
+  for (int e = 0; e < plan.num_edges; ++e) {
+    const int s = plan.edge_src[e], t = plan.edge_tgt[e];
+    D[e] += pT[s] * (u[s] - u[t]);
+  }
+}
+
+// Everything the backward needs per sample besides the probabilities.
+template <class A, int MAXM>
+struct SampleCoef {
+  A scale[MAXM];         // grad_losses[t] / B
+  A label_w[MAXM];       // weight of the open label edge into t (0 when cut)
+  A kd[MAXM][MAXM];      // kd[t][s] = T · w_ts · m_s for open knowledge edges
+};
+
+template <int MAXM, class A>
+KTG_HD void make_coefficients(const Plan& plan, const A* correct, const A* grad_losses, A inv_b,
+                              SampleCoef<A, MAXM>& k) {
+  const A temp = static_cast<A>(plan.temperature);
+  for (int t = 0; t < plan.M; ++t) {
+    k.scale[t] = grad_losses[t] * inv_b;
+    k.label_w[t] = has_bit(plan.label_mask, t) ? static_cast<A>(plan.weight[t][t]) : A(0);
+    for (int s = 0; s < plan.M; ++s) {
+      A w = A(0);
+      if (has_bit(plan.kd_in[t], s)) {
+        w = static_cast<A>(plan.weight[t][s]);
+        if (has_bit(plan.correct_in[t], s)) w *= correct[s];
+      }
+      k.kd[t][s] = temp * w;
+    }
+  }
+}
+
+// Gradient of Σ_t g_t·L_t with respect to z_t at one class, for every target t in
+// plan.target_mask (sources are constants):
+//   g_t/B · [ w_tt·(softmax(z_t) − onehot(y)) + T·Σ_s w_ts·m_s·(softmax(z_t/T) − softmax(z_s/T)) ]
+// delta is 1 at the label's class and 0 elsewhere.
+template <int MAXM, class V, class A>
+KTG_HD void class_grads(const Plan& plan, const SampleCoef<A, MAXM>& k, const V* pT, const V* p1,
+                        const V& delta, V* g) {
+  KTG_UNROLL
+  for (int t = 0; t < MAXM; ++t) {
+    if (t >= plan.M) break;
+    if (!has_bit(plan.target_mask, t)) continue;
+    V acc = V(A(0));
+    if (has_bit(plan.label_mask, t)) acc = k.label_w[t] * (p1[t] - delta);
+    KTG_UNROLL
+    for (int s = 0; s < MAXM; ++s) {
+      if (s >= plan.M) break;
+      if (has_bit(plan.kd_in[t], s)) acc += k.kd[t][s] * (pT[t] - pT[s]);
+    }
+    g[t] = k.scale[t] * acc;
+  }
+}
+
+// The same over the compact edge list (same summation order: sources ascending).
+template <int MAXM, class V, class A>
+KTG_HD void class_grads_edges(const Plan& plan, const SampleCoef<A, MAXM>& k, const V* pT,
+                              const V* p1, const V& delta, V* g) {
+  for (int t = 0; t < plan.M; ++t) {
+    if (!has_bit(plan.target_mask, t)) continue;
+    V acc = V(A(0));
+    if (has_bit(plan.label_mask, t)) acc = k.label_w[t] * (p1[t] - delta);
+    for (int e = plan.edge_begin[t]; e < plan.edge_begin[t + 1]; ++e) {
+      const int s = plan.edge_src[e];
+      acc += k.kd[t][s] * (pT[t] - pT[s]);
+    }
+    g[t] = k.scale[t] * acc;
+  }
+}
+
+// ---------------------------------------------------------------------------------
+// Per-sample losses. out[t] = Σ_s w_ts · m_s · l^{s→t} for this sample (the caller sums
+// over the batch in a fixed order and divides by the whole B, correct gates included).
+//   ce[t]: label cross-entropy of t (read only for open label edges)
+//   D[s*MAXM + t]: Σ_c p_s,c (u_s,c − u_t,c) (read only for open knowledge edges)
+//   correct[n]: 1 if argmax z_n == y, else 0
+// label_ok = false (a label outside [0, C) on the GPU) makes every open target's loss NaN.
+// ---------------------------------------------------------------------------------
+template <int MAXM, class A>
+KTG_HD void sample_losses(const Plan& plan, const NodeStat<A>* st, const A* ce, const A* D,
+                          const A* correct, bool label_ok, A* out) {
+  const A temp = static_cast<A>(plan.temperature);
+  for (int t = 0; t < plan.M; ++t) {
+    A acc = A(0);
+    if (has_bit(plan.label_mask, t)) acc += static_cast<A>(plan.weight[t][t]) * ce[t];
+    for (int s = 0; s < plan.M; ++s) {
+      if (!has_bit(plan.kd_in[t], s)) continue;
+      const A kl = temp * D[s * MAXM + t] + temp * temp * (st[t].lsT - st[s].lsT);
+      A w = static_cast<A>(plan.weight[t][s]);
+      if (has_bit(plan.correct_in[t], s)) w *= correct[s];
+      acc += w * kl;
+    }
+    if (!label_ok && has_bit(plan.target_mask, t)) acc = quiet_nan<A>();
+    out[t] = acc;
+  }
+}
+
+// Label cross-entropy from the shifted statistics: −log softmax(z)[y] = (mx − z_y) + ls1.
+template <class A>
+KTG_HD A label_ce(const NodeStat<A>& st, A z_label) { return (st.mx - z_label) + st.ls1; }
+
+}  // namespace ktg
+
+// ---------------------------------------------------------------------------------
+// Host-side argument checking shared by both backends (defined in ktg_loss.cpp).
+// ---------------------------------------------------------------------------------
+#if defined(KTG_HOST_API)
+#include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
+
+namespace ktg {
+
+// Validates the forward arguments (shapes, dtypes, devices, gates, temperature) and
+// returns the decoded plan. `op` names the op in the messages.
+Plan check_forward_args(const at::Tensor& logits, const at::Tensor& labels, c10::IntArrayRef gates,
+                        double temperature, double progress, const char* op);
+
+// Additionally checks grad_losses [M] and stats [M, B, 3] for the backward.
+Plan check_backward_args(const at::Tensor& grad_losses, const at::Tensor& logits,
+                         const at::Tensor& labels, const at::Tensor& stats, c10::IntArrayRef gates,
+                         double temperature, double progress, const char* op);
+
+// float64 for double logits, float32 otherwise.
+at::ScalarType accumulate_type(at::ScalarType logits_type);
+
+}  // namespace ktg
+#endif
