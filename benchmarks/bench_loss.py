@@ -15,6 +15,7 @@ the measured exp throughput on CPU, or two launches' latency on CUDA; the larger
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import sys
@@ -81,24 +82,41 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_it(step, device: torch.device, repeats: int, budget_s: float, stat=statistics.median) -> float:
-    """Seconds per call: warm up, size the inner loop to the budget, then the median of the repeats."""
+def _calibrate(step, device: torch.device, budget_s: float) -> int:
+    """Warm up, then the number of calls that fill about ``budget_s``."""
     for _ in range(2):
         step()
     synchronize(device)
     t0 = time.perf_counter()
     step()
     synchronize(device)
-    once = max(time.perf_counter() - t0, 1e-6)
-    inner = max(1, int(budget_s / repeats / once))
-    samples = []
+    return max(1, int(budget_s / max(time.perf_counter() - t0, 1e-6)))
+
+
+def _sample(step, device: torch.device, inner: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(inner):
+        step()
+    synchronize(device)
+    return (time.perf_counter() - t0) / inner
+
+
+def time_it(step, device: torch.device, repeats: int, budget_s: float, stat=statistics.median) -> float:
+    """Seconds per call: warm up, size the inner loop to the budget, then ``stat`` of the repeats."""
+    inner = _calibrate(step, device, budget_s / repeats)
+    return stat([_sample(step, device, inner) for _ in range(repeats)])
+
+
+def time_side_by_side(steps: dict, device: torch.device, repeats: int, budget_s: float,
+                      stat=statistics.median) -> dict:
+    """``time_it`` of several steps, their repeats interleaved so that a load that comes
+    and goes on a shared machine falls on all of them alike, not on one column."""
+    inner = {name: _calibrate(step, device, budget_s / repeats) for name, step in steps.items()}
+    samples = {name: [] for name in steps}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            step()
-        synchronize(device)
-        samples.append((time.perf_counter() - t0) / inner)
-    return stat(samples)
+        for name, step in steps.items():
+            samples[name].append(_sample(step, device, inner[name]))
+    return {name: stat(values) for name, values in samples.items()}
 
 
 @dataclass
@@ -211,11 +229,10 @@ def run_row(device: torch.device, M: int, B: int, C: int, gates_kind: str, args,
         row.compile_s = time.perf_counter() - t0
         fns["compiled"] = (compiled, z)
 
-    for name in VARIANTS:
-        if name in fns:
-            row.times[name] = time_it(stepper(*fns[name]), device, args.repeats, args.budget, STATS[args.stat])
-    row.floor, *parts_ = machine.floor(M, B, C, z.element_size(), T, device)
-    row.floor_parts = tuple(parts_)
+    steps = {name: stepper(*fns[name]) for name in VARIANTS if name in fns}
+    row.times = time_side_by_side(steps, device, args.repeats, args.budget, STATS[args.stat])
+    row.floor, *floor_parts = machine.floor(M, B, C, z.element_size(), T, device)
+    row.floor_parts = tuple(floor_parts)
     return row
 
 
@@ -280,6 +297,10 @@ def summary(rows: list[Row], machines: dict, args) -> str:
     lines = [f"torch {torch.__version__}, {platform.processor() or platform.machine()}, dtype {args.dtype}, "
              f"T = {args.temperature}, CPU threads {args.threads}, {args.stat} of {args.repeats} repeats, "
              f"kernels_available() = {sorted(kernels_available())}"]
+    if hasattr(os, "getloadavg"):  # this run itself accounts for about --threads of it
+        load, cpus = os.getloadavg()[0], os.cpu_count() or 1
+        busy = " (other work was running: CPU times are noisy, try --stat min)" if load > cpus + 1 else ""
+        lines.append(f"load average (1 min) at the end: {load:.2f} on {cpus} CPUs{busy}")
     for dev, m in machines.items():
         extra = (f", launch+sync {m.launch * 1e6:.1f} µs" if dev == "cuda"
                  else f", exp throughput {m.exp_rate / 1e9:.2f} G/s ({args.threads} threads)")

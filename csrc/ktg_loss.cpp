@@ -27,51 +27,58 @@
 #include <limits>
 #include <tuple>
 #include <type_traits>
+#include <cstdlib>
+#include <string>
 #include <vector>
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && \
-    !defined(KTG_NO_MULTIVERSION)
-#define KTG_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define KTG_CLONES
-#endif
-
-// The chunk bodies are lambdas; they must inline into the ISA clones.
+// The chunk bodies are lambdas; they must inline into the ISA-specific entry points.
 #define KTG_LAMBDA_INLINE __attribute__((always_inline))
 
 #if !defined(__GNUC__)
 #error "the CPU kernel of timm_dcl uses GCC/Clang vector extensions"
 #endif
 
+// ISA-specific entry points (x86-64): each is compiled with its own lane width and
+// picked at run time, so one binary runs on any x86-64 and uses AVX-512 or AVX2 where
+// present. Lane vectors wider than the ISA's registers would be split by the compiler
+// through the stack, hence a width per ISA rather than one width for all.
+#if defined(__x86_64__) && !defined(KTG_NO_MULTIVERSION)
+#define KTG_MULTI_ISA 1
+#define KTG_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,bmi,bmi2,popcnt")))
+#define KTG_TARGET_AVX2 __attribute__((target("avx2,fma,bmi,bmi2,popcnt")))
+#else
+#define KTG_MULTI_ISA 0
+#endif
+
 namespace ktg {
 
 // ---------------------------------------------------------------------------------
-// Lane vectors.
+// Lane vectors of W bytes (64: AVX-512, 32: AVX2, 16: SSE2/NEON).
 // ---------------------------------------------------------------------------------
-template <class A>
+template <class A, int W>
 struct LaneTraits;
 
-template <>
-struct LaneTraits<float> {
-  static constexpr int L = 16;
-  typedef float raw __attribute__((vector_size(64)));
-  typedef int32_t iraw __attribute__((vector_size(64)));
+template <int W>
+struct LaneTraits<float, W> {
+  static constexpr int L = W / 4;
+  typedef float raw __attribute__((vector_size(W)));
+  typedef int32_t iraw __attribute__((vector_size(W)));
   typedef int32_t index;
 };
 
-template <>
-struct LaneTraits<double> {
-  static constexpr int L = 8;
-  typedef double raw __attribute__((vector_size(64)));
-  typedef int64_t iraw __attribute__((vector_size(64)));
+template <int W>
+struct LaneTraits<double, W> {
+  static constexpr int L = W / 8;
+  typedef double raw __attribute__((vector_size(W)));
+  typedef int64_t iraw __attribute__((vector_size(W)));
   typedef int64_t index;
 };
 
-template <class A>
+template <class A, int W>
 struct Vec {
-  using raw = typename LaneTraits<A>::raw;
-  using iraw = typename LaneTraits<A>::iraw;
-  static constexpr int L = LaneTraits<A>::L;
+  using raw = typename LaneTraits<A, W>::raw;
+  using iraw = typename LaneTraits<A, W>::iraw;
+  static constexpr int L = LaneTraits<A, W>::L;
   raw v;
 
   Vec() = default;
@@ -87,9 +94,10 @@ struct Vec {
   }
 };
 
-KTG_HD Vec<float> ktg_exp(Vec<float> x) {
-  using R = Vec<float>::raw;
-  using I = Vec<float>::iraw;
+template <int W>
+KTG_HD Vec<float, W> ktg_exp(Vec<float, W> x) {
+  using R = typename Vec<float, W>::raw;
+  using I = typename Vec<float, W>::iraw;
   const R lo = R{} + kExpLo;
   const R hi = R{} + kExpHi;
   // The scalar ktg_exp of ktg_loss.h, lane-wise, except that NaN passes through the
@@ -101,19 +109,20 @@ KTG_HD Vec<float> ktg_exp(Vec<float> x) {
   const R r = (xc - n * kLn2Hi) - n * kLn2Lo;
   const I bits = (__builtin_convertvector(n, I) + 127) << 23;
   R y = exp_poly(r) * (R)bits;
-  return Vec<float>(x.v < lo ? R{} : y);
+  return Vec<float, W>(x.v < lo ? R{} : y);
 }
 
 // Cephes-style logf (≤ 1 ulp) for x > 0; NaN stays NaN. Used on the per-node sums,
 // which lie in [1, C].
 constexpr float kSqrtHalf = 0.707106781186547524f;
-KTG_HD Vec<float> ktg_log(Vec<float> x) {
-  using R = Vec<float>::raw;
-  using I = Vec<float>::iraw;
+template <int W>
+KTG_HD Vec<float, W> ktg_log(Vec<float, W> x) {
+  using R = typename Vec<float, W>::raw;
+  using I = typename Vec<float, W>::iraw;
   const I bits = (I)x.v;
-  I e = ((bits >> 23) & 0xff) - 126;                 // x = m · 2^e with m in [0.5, 1)
+  I e = ((bits >> 23) & 0xff) - 126;  // x = m · 2^e with m in [0.5, 1)
   R m = (R)((bits & 0x007fffff) | 0x3f000000);
-  const auto small = m < kSqrtHalf;                  // fold m into [sqrt(1/2), sqrt(2))
+  const auto small = m < kSqrtHalf;  // fold m into [sqrt(1/2), sqrt(2))
   e = small ? e - 1 : e;
   m = small ? m + m - 1.0f : m - 1.0f;
   const R ef = __builtin_convertvector(e, R);
@@ -128,94 +137,101 @@ KTG_HD Vec<float> ktg_log(Vec<float> x) {
   p = p * m + 3.3333331174e-1f;
   R y = p * m * zz + ef * kLn2Lo - 0.5f * zz;
   y = (m + y) + ef * kLn2Hi;
-  return Vec<float>(x.v != x.v ? x.v : y);
+  return Vec<float, W>(x.v != x.v ? x.v : y);
 }
 
-KTG_HD Vec<double> ktg_log(Vec<double> x) {
-  Vec<double> y;
-  for (int j = 0; j < Vec<double>::L; ++j) y.v[j] = ::log(x.v[j]);
+template <int W>
+KTG_HD Vec<double, W> ktg_log(Vec<double, W> x) {
+  Vec<double, W> y;
+  for (int j = 0; j < Vec<double, W>::L; ++j) y.v[j] = ::log(x.v[j]);
   return y;
 }
 
-KTG_HD Vec<double> ktg_exp(Vec<double> x) {
-  Vec<double> y;
-  for (int j = 0; j < Vec<double>::L; ++j) y.v[j] = ::exp(x.v[j]);
+template <int W>
+KTG_HD Vec<double, W> ktg_exp(Vec<double, W> x) {
+  Vec<double, W> y;
+  for (int j = 0; j < Vec<double, W>::L; ++j) y.v[j] = ::exp(x.v[j]);
   return y;
 }
 
-template <class A>
-KTG_HD typename Vec<A>::iraw lane_index() {
-  typename Vec<A>::iraw i;
-  for (int j = 0; j < Vec<A>::L; ++j) i[j] = j;
+template <class A, int W>
+KTG_HD typename Vec<A, W>::iraw lane_index() {
+  typename Vec<A, W>::iraw i;
+  for (int j = 0; j < Vec<A, W>::L; ++j) i[j] = j;
   return i;
 }
 
-// Horizontal reductions as a butterfly over lanes: a fixed association order, so the
-// results are reproducible; every lane ends with the total.
-template <class A, class X, class Op>
-KTG_HD X butterfly(X x, Op op) {
-  using I = typename Vec<A>::iraw;
-  const I idx = lane_index<A>();
-  for (int k = Vec<A>::L / 2; k >= 1; k /= 2) x = op(x, __builtin_shuffle(x, idx ^ k));
-  return x;
+// Horizontal reductions by halving (a fixed association order, so the results are
+// reproducible).
+template <class T, int L, class Op>
+KTG_HD T reduce_lanes(const T* x, Op op) {
+  T t[L];
+  for (int j = 0; j < L; ++j) t[j] = x[j];
+  for (int w = L / 2; w >= 1; w /= 2)
+    for (int j = 0; j < w; ++j) t[j] = op(t[j], t[j + w]);
+  return t[0];
 }
 
-template <class A>
-KTG_HD A hsum(const Vec<A>& x) {
-  using R = typename Vec<A>::raw;
-  return butterfly<A>(x.v, [](R a, R b) { return a + b; })[0];
+template <class A, int W>
+KTG_HD A hsum(const Vec<A, W>& x) {
+  A lanes[Vec<A, W>::L];
+  std::memcpy(lanes, &x.v, sizeof(lanes));
+  return reduce_lanes<A, Vec<A, W>::L>(lanes, [](A a, A b) { return a + b; });
 }
 
-template <class A>
-KTG_HD A hmax(typename Vec<A>::raw x) {
-  using R = typename Vec<A>::raw;
-  return butterfly<A>(x, [](R a, R b) { return a > b ? a : b; })[0];
+template <class A, int W>
+KTG_HD A hmax(typename Vec<A, W>::raw x) {
+  A lanes[Vec<A, W>::L];
+  std::memcpy(lanes, &x, sizeof(lanes));
+  return reduce_lanes<A, Vec<A, W>::L>(lanes, [](A a, A b) { return a > b ? a : b; });
 }
 
-template <class A>
-KTG_HD int64_t hmin_index(typename Vec<A>::iraw x) {
-  using I = typename Vec<A>::iraw;
-  return butterfly<A>(x, [](I a, I b) { return a < b ? a : b; })[0];
+template <class A, int W>
+KTG_HD int64_t hmin_index(typename Vec<A, W>::iraw x) {
+  using Int = typename LaneTraits<A, W>::index;
+  Int lanes[Vec<A, W>::L];
+  std::memcpy(lanes, &x, sizeof(lanes));
+  return reduce_lanes<Int, Vec<A, W>::L>(lanes, [](Int a, Int b) { return a < b ? a : b; });
 }
 
 // 1 on lanes [lo, hi), 0 elsewhere.
-template <class A>
-KTG_HD Vec<A> lane_mask(int lo, int hi) {
-  using R = typename Vec<A>::raw;
-  using Int = typename LaneTraits<A>::index;
-  const auto idx = lane_index<A>();
-  return Vec<A>((idx >= static_cast<Int>(lo)) & (idx < static_cast<Int>(hi)) ? R{} + A(1) : R{});
+template <class A, int W>
+KTG_HD Vec<A, W> lane_mask(int lo, int hi) {
+  using R = typename Vec<A, W>::raw;
+  using Int = typename LaneTraits<A, W>::index;
+  const auto idx = lane_index<A, W>();
+  return Vec<A, W>((idx >= static_cast<Int>(lo)) & (idx < static_cast<Int>(hi)) ? R{} + A(1) : R{});
 }
 
-template <class S, class A>
-KTG_HD Vec<A> load_full(const S* p) {
-  Vec<A> r;
+template <class S, class A, int W>
+KTG_HD Vec<A, W> load_full(const S* p) {
+  Vec<A, W> r;
   if constexpr (std::is_same<S, A>::value) {
     std::memcpy(&r.v, p, sizeof(r.v));
   } else {
-    for (int j = 0; j < Vec<A>::L; ++j) r.v[j] = static_cast<A>(p[j]);
+    for (int j = 0; j < Vec<A, W>::L; ++j) r.v[j] = static_cast<A>(p[j]);
   }
   return r;
 }
 
-template <class S, class A>
-KTG_HD Vec<A> load_part(const S* p, int rem, A pad) {
-  Vec<A> r(pad);
+template <class S, class A, int W>
+KTG_HD Vec<A, W> load_part(const S* p, int rem, A pad) {
+  Vec<A, W> r(pad);
   for (int j = 0; j < rem; ++j) r.v[j] = static_cast<A>(p[j]);
   return r;
 }
 
-template <class S, class A>
-KTG_HD void store_full(S* p, const Vec<A>& x) {
+template <class S, class A, int W>
+KTG_HD void store_full(S* p, const Vec<A, W>& x) {
   if constexpr (std::is_same<S, A>::value) {
     std::memcpy(p, &x.v, sizeof(x.v));
   } else {
-    for (int j = 0; j < Vec<A>::L; ++j) p[j] = static_cast<S>(x.v[j]);
+    for (int j = 0; j < Vec<A, W>::L; ++j) p[j] = static_cast<S>(x.v[j]);
   }
 }
 
-template <class S, class A>
-KTG_HD void store_part(S* p, const Vec<A>& x, int rem) {
+template <class S, class A, int W>
+KTG_HD void store_part(S* p, const Vec<A, W>& x, int rem) {
   for (int j = 0; j < rem; ++j) p[j] = static_cast<S>(x.v[j]);
 }
 
@@ -245,18 +261,22 @@ KTG_HD void for_chunks(int64_t C, F&& f) {  // f is called in class order
 // ---------------------------------------------------------------------------------
 // Kernels over a range of samples. S: logits' dtype, A: accumulation dtype.
 // ---------------------------------------------------------------------------------
-template <class S, class A>
+template <class S, class A, int W>
 struct CpuKernel {
-  using V = Vec<A>;
+  using V = Vec<A, W>;
   using R = typename V::raw;
   using I = typename V::iraw;
-  using Int = typename LaneTraits<A>::index;
+  using Int = typename LaneTraits<A, W>::index;
   static constexpr int L = V::L;
   static constexpr int MAXM = kMaxNodes;
   static constexpr int kMaxEdges = kMaxNodes * (kMaxNodes - 1);
+  // Sums over the classes run in blocks of this many chunks (cascade summation): with
+  // narrow lanes and C in the tens of thousands a single running float sum would lose
+  // about 1e-5 of relative accuracy.
+  static constexpr int kCascade = 32;
 
   KTG_HD static V load(const S* p, const Chunk& k, A pad) {
-    return k.rem == L ? load_full<S, A>(p + k.c) : load_part<S, A>(p + k.c, k.rem, pad);
+    return k.rem == L ? load_full<S, A, W>(p + k.c) : load_part<S, A, W>(p + k.c, k.rem, pad);
   }
   KTG_HD static bool masked(const Chunk& k) { return k.skip != 0 || k.rem != L; }
 
@@ -266,13 +286,14 @@ struct CpuKernel {
   struct Cache {
     A* e1;           // e1[n * stride + c] = exp(z_n,c − mx_n)
     A* eT;           // exp((z_n,c − mx_n)/T); == e1 when T == 1
-    int64_t stride;  // max(C, L)
+    int64_t stride;  // max(C, 16) ≥ max(C, L)
   };
 
   // Above this many cached values per thread the passes recompute exp instead.
   static constexpr int64_t kMaxScratch = int64_t(1) << 22;
 
-  KTG_HD static int64_t cache_stride(int64_t C) { return std::max<int64_t>(C, L); }
+  // Independent of the lane width so one scratch size fits every ISA's kernel.
+  KTG_HD static int64_t cache_stride(int64_t C) { return std::max<int64_t>(C, 16); }
 
   // Scratch elements per thread (0: no cache).
   static int64_t scratch_size(const Plan& plan, int64_t C) {
@@ -304,7 +325,7 @@ struct CpuKernel {
   KTG_HD static RawStat node_sums(const S* z, int64_t C, A inv_t, int64_t* argmax, A* e1_out,
                                   A* eT_out) {
     const A ninf = neg_infinity<A>();
-    const I iota = lane_index<A>();
+    const I iota = lane_index<A, W>();
     R mxv = R{} + ninf;
     I arg = I{} + std::numeric_limits<Int>::max();
     for_chunks<L>(C, [&](const Chunk& k) KTG_LAMBDA_INLINE {
@@ -313,13 +334,14 @@ struct CpuKernel {
       mxv = gt ? v : mxv;
       if (WantArg) arg = gt ? iota + static_cast<Int>(k.c) : arg;
     });
-    const A mx = hmax<A>(mxv);
+    const A mx = hmax<A, W>(mxv);
     if (WantArg) {
       const I cand = mxv == (R{} + mx) ? arg : I{} + std::numeric_limits<Int>::max();
-      const int64_t first = hmin_index<A>(cand);
+      const int64_t first = hmin_index<A, W>(cand);
       *argmax = first == std::numeric_limits<Int>::max() ? -1 : first;
     }
-    V s1(A(0)), sT(A(0)), bad(A(0));
+    V s1(A(0)), sT(A(0)), bad(A(0)), s1_total(A(0)), sT_total(A(0));
+    int blocked = 0;
     for_chunks<L>(C, [&](const Chunk& k) KTG_LAMBDA_INLINE {
       const V v = load(z, k, mx);  // padding gives u = 0, masked below
       const V u = v - mx;
@@ -330,26 +352,34 @@ struct CpuKernel {
         eT = ktg_exp(u * inv_t);
         e1 = eT * eT;
         // exp(u) of float is 0 below kExpLo; the square would make slow subnormals.
-        if (std::is_same<A, float>::value) e1 = Vec<A>(u.v < A(kExpLo) ? R{} : e1.v);
+        if (std::is_same<A, float>::value) e1 = V(u.v < A(kExpLo) ? R{} : e1.v);
       } else {
         e1 = ktg_exp(u);
         eT = ktg_exp(u * inv_t);
       }
       if (e1_out) {
-        store_full<A, A>(e1_out + k.c, e1);
-        if (Mode != kUnit) store_full<A, A>(eT_out + k.c, eT);
+        store_full<A, A, W>(e1_out + k.c, e1);
+        if (Mode != kUnit) store_full<A, A, W>(eT_out + k.c, eT);
       }
       if (masked(k)) {
-        const V valid = lane_mask<A>(k.skip, k.rem);
+        const V valid = lane_mask<A, W>(k.skip, k.rem);
         e1 = e1 * valid;
         eT = eT * valid;
       }
       s1 += e1;
       if (Mode != kUnit) sT += eT;
       bad += v - v;
+      if (++blocked == kCascade) {
+        s1_total += s1;
+        sT_total += sT;
+        s1 = sT = V(A(0));
+        blocked = 0;
+      }
     });
-    const A S1 = hsum(s1);
-    return RawStat{mx, S1, Mode == kUnit ? S1 : hsum(sT), hsum(bad)};
+    s1_total += s1;
+    sT_total += sT;
+    const A S1 = hsum(s1_total);
+    return RawStat{mx, S1, Mode == kUnit ? S1 : hsum(sT_total), hsum(bad)};
   }
 
   template <bool WantArg>
@@ -420,10 +450,10 @@ struct CpuKernel {
     }
     for (int n = 0; n < plan.M; ++n) {
       const int64_t off = n * cache.stride + k.c;
-      if (has_bit(t_mask, n)) pT[n] = load_full<A, A>(cache.eT + off) * rT[n];
+      if (has_bit(t_mask, n)) pT[n] = load_full<A, A, W>(cache.eT + off) * rT[n];
       if (has_bit(one_mask, n)) {
         p1[n] = plan.unit_temperature && has_bit(t_mask, n) ? pT[n]
-                                                             : load_full<A, A>(cache.e1 + off) * r1[n];
+                                                             : load_full<A, A, W>(cache.e1 + off) * r1[n];
       }
     }
   }
@@ -441,7 +471,7 @@ struct CpuKernel {
     NodeStat<A> st[kMaxNodes];
     A correct[kMaxNodes], ce[kMaxNodes], r1[kMaxNodes], rT[kMaxNodes];
     A D[MAXM * MAXM];
-    V Dv[kMaxEdges];
+    V Dv[kMaxEdges], Dt[kMaxEdges];
     V u[kMaxNodes], pT[kMaxNodes];
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t yb = y[b];
@@ -462,19 +492,28 @@ struct CpuKernel {
           ce[t] = label_ce(st[t], static_cast<A>(z[(t * B + b) * C + yb]));
       }
       if (E > 0) {
-        for (int e = 0; e < E; ++e) Dv[e] = V(A(0));
+        for (int e = 0; e < E; ++e) Dv[e] = Dt[e] = V(A(0));
+        int blocked = 0;
         for_chunks<L>(C, [&](const Chunk& k) KTG_LAMBDA_INLINE {
           load_shifted(z, B, C, b, k, plan, kd_nodes, st, u);
           chunk_probs(plan, st, u, plan.source_mask, 0u, cache, rT, rT, k, pT,
                       static_cast<V*>(nullptr));
           if (masked(k)) {
-            const V valid = lane_mask<A>(k.skip, k.rem);
+            const V valid = lane_mask<A, W>(k.skip, k.rem);
             for (int s = 0; s < M; ++s)
               if (has_bit(plan.source_mask, s)) pT[s] = pT[s] * valid;
           }
           accumulate_kd_edges(plan, u, pT, Dv);
+          if (++blocked == kCascade) {
+            for (int e = 0; e < E; ++e) {
+              Dt[e] += Dv[e];
+              Dv[e] = V(A(0));
+            }
+            blocked = 0;
+          }
         });
-        for (int e = 0; e < E; ++e) D[plan.edge_src[e] * MAXM + plan.edge_tgt[e]] = hsum(Dv[e]);
+        for (int e = 0; e < E; ++e)
+          D[plan.edge_src[e] * MAXM + plan.edge_tgt[e]] = hsum(Dt[e] + Dv[e]);
       }
       sample_losses<MAXM>(plan, st, ce, D, correct, true, per_sample + b * M);
     }
@@ -487,7 +526,7 @@ struct CpuKernel {
     const uint32_t kd_nodes = plan.source_mask | plan.kd_target_mask;
     const uint32_t needed = plan.target_mask | plan.source_mask;
     const A inv_b = A(1) / static_cast<A>(B);
-    const I iota = lane_index<A>();
+    const I iota = lane_index<A, W>();
     const Mode mode = mode_of(plan);
     RawStat raw[kMaxNodes];
     NodeStat<A> st[kMaxNodes];
@@ -519,9 +558,9 @@ struct CpuKernel {
           if (!has_bit(plan.target_mask, t)) continue;
           S* p = grad + (t * B + b) * C + k.c;
           if (k.rem == L) {
-            store_full<S, A>(p, g[t]);
+            store_full<S, A, W>(p, g[t]);
           } else {
-            store_part<S, A>(p, g[t], k.rem);
+            store_part<S, A, W>(p, g[t], k.rem);
           }
         }
       });
@@ -529,22 +568,106 @@ struct CpuKernel {
   }
 };
 
-// Non-template entry points, one per dtype, each compiled for several ISAs.
-#define KTG_DEFINE_RANGES(S, A)                                                             \
-  KTG_CLONES void forward_range(const S* z, const int64_t* y, int64_t B, int64_t C,          \
-                                const Plan& plan, A* stats, A* per_sample, A* scratch,       \
-                                int64_t b0, int64_t b1) {                                    \
-    using K = CpuKernel<S, A>;                                                               \
-    CpuKernel<S, A>::forward_range(z, y, B, C, plan, stats, per_sample,                      \
-                                   K::make_cache(scratch, plan, C), b0, b1);                 \
-  }                                                                                          \
-  KTG_CLONES void backward_range(const A* grad_losses, const S* z, const int64_t* y,         \
-                                 const A* stats, int64_t B, int64_t C, const Plan& plan,     \
-                                 S* grad, A* scratch, int64_t b0, int64_t b1) {              \
-    using K = CpuKernel<S, A>;                                                               \
-    CpuKernel<S, A>::backward_range(grad_losses, z, y, stats, B, C, plan, grad,              \
-                                    K::make_cache(scratch, plan, C), b0, b1);                \
+// The ISA the entry points use: the best one the CPU has, or a lower one named by
+// TIMM_DCL_CPU_ISA=avx512|avx2|base (read once; for testing every code path on one
+// machine).
+enum class Isa { kBase = 0, kAvx2 = 1, kAvx512 = 2 };
+
+Isa detect_isa() {
+#if KTG_MULTI_ISA
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                    __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2") &&
+                    __builtin_cpu_supports("popcnt");
+  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+  Isa best = avx512 ? Isa::kAvx512 : (avx2 ? Isa::kAvx2 : Isa::kBase);
+  if (const char* want = std::getenv("TIMM_DCL_CPU_ISA")) {
+    const std::string w(want);
+    const Isa asked = w == "base" ? Isa::kBase : (w == "avx2" ? Isa::kAvx2 : Isa::kAvx512);
+    if (static_cast<int>(asked) < static_cast<int>(best)) best = asked;
   }
+  return best;
+#else
+  return Isa::kBase;
+#endif
+}
+
+Isa cpu_isa() {
+  static const Isa isa = detect_isa();
+  return isa;
+}
+
+#define KTG_FORWARD_ARGS(S, A)                                                               \
+  const S *z, const int64_t *y, int64_t B, int64_t C, const Plan &plan, A *stats,        \
+      A *per_sample, A *scratch, int64_t b0, int64_t b1
+#define KTG_BACKWARD_ARGS(S, A)                                                              \
+  const A *grad_losses, const S *z, const int64_t *y, const A *stats, int64_t B,         \
+      int64_t C, const Plan &plan, S *grad, A *scratch, int64_t b0, int64_t b1
+
+template <class S, class A, int W>
+KTG_HD void forward_impl(KTG_FORWARD_ARGS(S, A)) {
+  using K = CpuKernel<S, A, W>;
+  K::forward_range(z, y, B, C, plan, stats, per_sample, K::make_cache(scratch, plan, C), b0, b1);
+}
+
+template <class S, class A, int W>
+KTG_HD void backward_impl(KTG_BACKWARD_ARGS(S, A)) {
+  using K = CpuKernel<S, A, W>;
+  K::backward_range(grad_losses, z, y, stats, B, C, plan, grad, K::make_cache(scratch, plan, C),
+                    b0, b1);
+}
+
+// Non-template entry points, one per dtype and ISA, and their dispatchers.
+#if KTG_MULTI_ISA
+#define KTG_DEFINE_RANGES(S, A)                                                            \
+  KTG_TARGET_AVX512 void forward_avx512(KTG_FORWARD_ARGS(S, A)) {                                \
+    forward_impl<S, A, 64>(z, y, B, C, plan, stats, per_sample, scratch, b0, b1);          \
+  }                                                                                        \
+  KTG_TARGET_AVX2 void forward_avx2(KTG_FORWARD_ARGS(S, A)) {                                    \
+    forward_impl<S, A, 32>(z, y, B, C, plan, stats, per_sample, scratch, b0, b1);          \
+  }                                                                                        \
+  void forward_base(KTG_FORWARD_ARGS(S, A)) {                                                    \
+    forward_impl<S, A, 16>(z, y, B, C, plan, stats, per_sample, scratch, b0, b1);          \
+  }                                                                                        \
+  void forward_range(KTG_FORWARD_ARGS(S, A)) {                                                   \
+    switch (cpu_isa()) {                                                                   \
+      case Isa::kAvx512:                                                                   \
+        return forward_avx512(z, y, B, C, plan, stats, per_sample, scratch, b0, b1);       \
+      case Isa::kAvx2:                                                                     \
+        return forward_avx2(z, y, B, C, plan, stats, per_sample, scratch, b0, b1);         \
+      default:                                                                             \
+        return forward_base(z, y, B, C, plan, stats, per_sample, scratch, b0, b1);         \
+    }                                                                                      \
+  }                                                                                        \
+  KTG_TARGET_AVX512 void backward_avx512(KTG_BACKWARD_ARGS(S, A)) {                              \
+    backward_impl<S, A, 64>(grad_losses, z, y, stats, B, C, plan, grad, scratch, b0, b1);  \
+  }                                                                                        \
+  KTG_TARGET_AVX2 void backward_avx2(KTG_BACKWARD_ARGS(S, A)) {                                  \
+    backward_impl<S, A, 32>(grad_losses, z, y, stats, B, C, plan, grad, scratch, b0, b1);  \
+  }                                                                                        \
+  void backward_base(KTG_BACKWARD_ARGS(S, A)) {                                                  \
+    backward_impl<S, A, 16>(grad_losses, z, y, stats, B, C, plan, grad, scratch, b0, b1);  \
+  }                                                                                        \
+  void backward_range(KTG_BACKWARD_ARGS(S, A)) {                                                 \
+    switch (cpu_isa()) {                                                                   \
+      case Isa::kAvx512:                                                                   \
+        return backward_avx512(grad_losses, z, y, stats, B, C, plan, grad, scratch, b0, b1); \
+      case Isa::kAvx2:                                                                     \
+        return backward_avx2(grad_losses, z, y, stats, B, C, plan, grad, scratch, b0, b1); \
+      default:                                                                             \
+        return backward_base(grad_losses, z, y, stats, B, C, plan, grad, scratch, b0, b1); \
+    }                                                                                      \
+  }
+#else
+#define KTG_DEFINE_RANGES(S, A)                                                            \
+  void forward_range(KTG_FORWARD_ARGS(S, A)) {                                                   \
+    forward_impl<S, A, 16>(z, y, B, C, plan, stats, per_sample, scratch, b0, b1);          \
+  }                                                                                        \
+  void backward_range(KTG_BACKWARD_ARGS(S, A)) {                                                 \
+    backward_impl<S, A, 16>(grad_losses, z, y, stats, B, C, plan, grad, scratch, b0, b1);  \
+  }
+#endif
 
 KTG_DEFINE_RANGES(float, float)
 KTG_DEFINE_RANGES(double, double)
@@ -663,7 +786,7 @@ std::tuple<at::Tensor, at::Tensor> ktg_loss_forward_cpu(const at::Tensor& logits
     const int64_t* y = labels.data_ptr<int64_t>();
     acc_t* st = stats.data_ptr<acc_t>();
     acc_t* ps = per_sample.data_ptr<acc_t>();
-    const int64_t scratch = CpuKernel<scalar_t, acc_t>::scratch_size(plan, C);
+    const int64_t scratch = CpuKernel<scalar_t, acc_t, 16>::scratch_size(plan, C);
     at::parallel_for(0, B, grain_size(M, C), [&](int64_t b0, int64_t b1) {
       forward_range(z, y, B, C, plan, st, ps, thread_scratch<acc_t>(scratch), b0, b1);
     });
@@ -698,7 +821,7 @@ at::Tensor ktg_loss_backward_cpu(const at::Tensor& grad_losses_in, const at::Ten
     const int64_t* y = labels.data_ptr<int64_t>();
     const acc_t* st = stats.data_ptr<acc_t>();
     scalar_t* gz = grad.data_ptr<scalar_t>();
-    const int64_t scratch = CpuKernel<scalar_t, acc_t>::scratch_size(plan, C);
+    const int64_t scratch = CpuKernel<scalar_t, acc_t, 16>::scratch_size(plan, C);
     at::parallel_for(0, B, grain_size(M, C), [&](int64_t b0, int64_t b1) {
       backward_range(gl, z, y, st, B, C, plan, gz, thread_scratch<acc_t>(scratch), b0, b1);
     });

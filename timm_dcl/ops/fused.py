@@ -98,7 +98,9 @@ def _use_kernel(z: torch.Tensor) -> bool:
 
 
 def _fused(z: torch.Tensor, labels: torch.Tensor, codes, temperature: float, progress: float) -> torch.Tensor:
-    losses, _ = KTGLossFunction.apply(z.contiguous(), labels, codes, temperature, progress)
+    # The op itself carries the autograd formula: calling it directly skips the ~30 µs that
+    # autograd.Function.apply spends binding arguments, a large share at small shapes.
+    losses, _ = torch.ops.timm_dcl.ktg_loss_forward(z.contiguous(), labels, codes, temperature, progress)
     return losses
 
 
@@ -123,7 +125,7 @@ def ktg_loss(logits: LogitsLike, labels: torch.Tensor, gates: GatesLike, *,
         return ktg_loss_reference(z, labels, gates, temperature=temperature, progress=progress)
     # The CPU kernel range-checks labels itself; CUDA marks bad samples NaN without a sync.
     y = check_labels(labels, z, check_range=False)
-    codes = encode_gates(gates, z.shape[0])
+    codes = list(encode_gates(gates, z.shape[0]))
     t, p = check_scalars(temperature, progress)
     return _fused(z, y, codes, t, p)
 
@@ -137,7 +139,7 @@ class KTGLoss(nn.Module):
 
     def __init__(self, gates: GatesLike, temperature: float = 1.0):
         super().__init__()
-        self.codes = encode_gates(gates)
+        self.codes = list(encode_gates(gates))
         self.num_nodes = int(round(len(self.codes) ** 0.5))
         self.temperature, _ = check_scalars(temperature, 1.0)
 
