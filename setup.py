@@ -1,75 +1,67 @@
 """Builds timm_dcl._C, the fused Knowledge Transfer Graph loss kernels.
 
-The CPU kernels are always built. The CUDA kernels are built whenever torch is a CUDA
-build and nvcc is found, even on a machine without a GPU. Environment:
+Package metadata lives in pyproject.toml; this file only declares the extension. The
+CPU kernels are always built. The CUDA kernels are built whenever torch is a CUDA build
+and an nvcc of the same CUDA release is found, even on a machine without a GPU.
+Environment:
   TIMM_DCL_CUDA=0|1        force the CUDA kernels off / on (on without nvcc: an error)
-  TORCH_CUDA_ARCH_LIST     GPU architectures (default: the visible GPUs', else 8.0;9.0+PTX)
-  CUDA_HOME                where nvcc lives (e.g. /usr/local/cuda)
+  TORCH_CUDA_ARCH_LIST     GPU architectures (default: the visible GPUs', else 7.5;8.0;9.0+PTX)
+  CUDA_HOME                the CUDA toolkit (default: torch's guess, else /usr/local/cuda)
+
+Build against the installed torch with `pip install -e . --no-build-isolation`: an
+isolated build compiles against whatever torch pip fetches for it, and a library built
+for another torch version is not loaded (timm_dcl then JIT-compiles the kernels once).
+The compiler flags and the CUDA decision are shared with that JIT build through
+timm_dcl/ops/_extension.py.
 """
 from __future__ import annotations
 
-import glob
+import importlib.util
 import os
+import sys
 from pathlib import Path
 
 from setuptools import setup
 
 ROOT = Path(__file__).resolve().parent
-CSRC = "csrc"
 
 
-def _cuda_include_dirs() -> list[str]:
-    """Headers of the pip-installed CUDA libraries (cuBLAS, cuSPARSE...) that torch's CUDA headers include."""
-    import importlib.util
-
-    dirs = []
-    spec = importlib.util.find_spec("nvidia")
-    for base in (spec.submodule_search_locations or []) if spec else []:
-        dirs += sorted(glob.glob(os.path.join(base, "*", "include")))
-    return [d for d in dirs if os.path.isdir(d)]
-
-
-def _want_cuda() -> bool:
-    import torch
-    from torch.utils import cpp_extension
-
-    forced = os.environ.get("TIMM_DCL_CUDA")
-    nvcc = cpp_extension.CUDA_HOME is not None and os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc"))
-    if forced == "0":
-        return False
-    if forced == "1":
-        if torch.version.cuda is None:
-            raise RuntimeError("TIMM_DCL_CUDA=1, but the installed torch is not a CUDA build")
-        if not nvcc:
-            raise RuntimeError("TIMM_DCL_CUDA=1, but nvcc was not found: set CUDA_HOME (e.g. /usr/local/cuda)")
-        return True
-    return torch.version.cuda is not None and nvcc
+def _build_helpers():
+    # Load timm_dcl/ops/_extension.py by path: importing the package would import timm,
+    # which an isolated build environment does not have.
+    path = ROOT / "timm_dcl" / "ops" / "_extension.py"
+    spec = importlib.util.spec_from_file_location("_timm_dcl_build_helpers", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _extensions():
-    import torch
-    from torch.utils import cpp_extension
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-    cxx = ["-O3", "-fopenmp", "-Wno-psabi", "-DTORCH_EXTENSION_NAME=_C"]
-    sources = [f"{CSRC}/ktg_loss.cpp"]
-    if not _want_cuda():
-        return [cpp_extension.CppExtension("timm_dcl._C", sources, extra_compile_args={"cxx": cxx},
-                                           extra_link_args=["-fopenmp"])]
-    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-        # No GPU to ask: Ampere and Hopper, plus PTX that newer GPUs can JIT-compile.
-        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
-    nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "-DTORCH_EXTENSION_NAME=_C", "-DWITH_CUDA"]
-    return [cpp_extension.CUDAExtension(
-        "timm_dcl._C", sources + [f"{CSRC}/ktg_loss_cuda.cu"],
-        include_dirs=_cuda_include_dirs(),
-        extra_compile_args={"cxx": cxx + ["-DWITH_CUDA"], "nvcc": nvcc},
-        extra_link_args=["-fopenmp"])]
+    helpers = _build_helpers()
+    with_cuda, why = helpers.decide_cuda()
+    sources = [f"csrc/{f}" for f in helpers.CPU_SOURCES]
+    if with_cuda:
+        sources += [f"csrc/{f}" for f in helpers.CUDA_SOURCES]
+        arch = helpers.default_arch_list()
+        if arch:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = arch
+        print(f"timm_dcl: building the CPU and CUDA kernels ({why}; TORCH_CUDA_ARCH_LIST="
+              f"{os.environ.get('TORCH_CUDA_ARCH_LIST', 'the visible GPUs')})", file=sys.stderr)
+    else:
+        print(f"timm_dcl: building the CPU kernels only ({why})", file=sys.stderr)
+    options = helpers.build_options(with_cuda)
+    make = CUDAExtension if with_cuda else CppExtension
+    extension = make(
+        name="timm_dcl._C",
+        sources=sources,
+        include_dirs=[str(ROOT / "csrc")],
+        extra_compile_args=options["extra_compile_args"],
+        extra_link_args=options["extra_link_args"],
+    )
+    return [extension], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
-def _build_ext():
-    from torch.utils.cpp_extension import BuildExtension
-
-    return BuildExtension.with_options(use_ninja=True)
-
-
-setup(ext_modules=_extensions(), cmdclass={"build_ext": _build_ext()})
+ext_modules, cmdclass = _extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

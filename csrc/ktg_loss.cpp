@@ -3,12 +3,14 @@
 // layout and the parallel loop over samples.
 //
 // Layout: at::parallel_for over samples; per sample every node's statistics are
-// computed once (a max/argmax pass and a sum-exp pass over C) and shared by all M²
-// edges; the class loops run on lane vectors of 64 bytes (16 floats / 8 doubles, GCC
-// vector extensions) so they vectorise whatever the ISA, and the hot functions are
-// compiled for x86-64-v4/v3/baseline with target_clones so one binary runs anywhere.
+// computed once (a max/argmax pass and a sum-exp pass over C, caching the exponentials
+// in a per-thread scratch) and shared by all M² edges, which then only multiply. The
+// class loops run on lane vectors (GCC vector extensions) of the widest ISA the CPU has:
+// the entry points are compiled for AVX-512, AVX2 and baseline x86-64 and picked at run
+// time, so one binary runs on any x86-64.
 // Determinism: per-sample results go to a buffer that is summed over the batch in a
-// fixed serial order, so results do not depend on the thread count.
+// fixed serial order, so results are bit-identical run to run and for any thread count
+// (on one machine: the ISA path changes the rounding).
 #include <Python.h>
 
 #define KTG_HOST_API
@@ -21,14 +23,15 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
+#include <torch/version.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <string>
 #include <tuple>
 #include <type_traits>
-#include <cstdlib>
-#include <string>
 #include <vector>
 
 // The chunk bodies are lambdas; they must inline into the ISA-specific entry points.
@@ -161,37 +164,39 @@ KTG_HD typename Vec<A, W>::iraw lane_index() {
   return i;
 }
 
-// Horizontal reductions by halving (a fixed association order, so the results are
-// reproducible).
-template <class T, int L, class Op>
-KTG_HD T reduce_lanes(const T* x, Op op) {
-  T t[L];
-  for (int j = 0; j < L; ++j) t[j] = x[j];
-  for (int w = L / 2; w >= 1; w /= 2)
-    for (int j = 0; j < w; ++j) t[j] = op(t[j], t[j + w]);
-  return t[0];
+// Horizontal reductions by halving: lane j meets lane j + L/2, and so on down to one
+// lane (a fixed association order, so the results are reproducible). The halves are
+// taken with memcpy, which compilers turn into register extracts.
+template <class T, int W, class Op>
+KTG_HD T reduce_lanes(const void* x, Op op) {
+  if constexpr (W == 2 * sizeof(T)) {
+    T t[2];
+    std::memcpy(t, x, sizeof(t));
+    return op(t[0], t[1]);
+  } else {
+    typedef T half __attribute__((vector_size(W / 2)));
+    half lo, hi;
+    std::memcpy(&lo, x, W / 2);
+    std::memcpy(&hi, static_cast<const char*>(x) + W / 2, W / 2);
+    const half r = op(lo, hi);
+    return reduce_lanes<T, W / 2>(&r, op);
+  }
 }
 
 template <class A, int W>
 KTG_HD A hsum(const Vec<A, W>& x) {
-  A lanes[Vec<A, W>::L];
-  std::memcpy(lanes, &x.v, sizeof(lanes));
-  return reduce_lanes<A, Vec<A, W>::L>(lanes, [](A a, A b) { return a + b; });
+  return reduce_lanes<A, W>(&x.v, [](auto a, auto b) { return a + b; });
 }
 
 template <class A, int W>
 KTG_HD A hmax(typename Vec<A, W>::raw x) {
-  A lanes[Vec<A, W>::L];
-  std::memcpy(lanes, &x, sizeof(lanes));
-  return reduce_lanes<A, Vec<A, W>::L>(lanes, [](A a, A b) { return a > b ? a : b; });
+  return reduce_lanes<A, W>(&x, [](auto a, auto b) { return a > b ? a : b; });
 }
 
 template <class A, int W>
 KTG_HD int64_t hmin_index(typename Vec<A, W>::iraw x) {
   using Int = typename LaneTraits<A, W>::index;
-  Int lanes[Vec<A, W>::L];
-  std::memcpy(lanes, &x, sizeof(lanes));
-  return reduce_lanes<Int, Vec<A, W>::L>(lanes, [](Int a, Int b) { return a < b ? a : b; });
+  return reduce_lanes<Int, W>(&x, [](auto a, auto b) { return a < b ? a : b; });
 }
 
 // 1 on lanes [lo, hi), 0 elsewhere.
@@ -846,6 +851,15 @@ TORCH_LIBRARY_IMPL(timm_dcl, CPU, m) {
   m.impl("ktg_loss_backward", &ktg::ktg_loss_backward_cpu);
 }
 
+// The torch version the library was compiled against, findable in the file without
+// loading it: timm_dcl/ops/_extension.py reads it to refuse a library built for another
+// torch (whose registrations would run, and could crash, as soon as it is loaded).
+#define KTG_STRINGIFY_(a) #a
+#define KTG_STRINGIFY(a) KTG_STRINGIFY_(a)
+extern "C" __attribute__((used, visibility("default"))) const char timm_dcl_build_info[] =
+    "timm_dcl-build:torch=" KTG_STRINGIFY(TORCH_VERSION_MAJOR) "." KTG_STRINGIFY(
+        TORCH_VERSION_MINOR) "." KTG_STRINGIFY(TORCH_VERSION_PATCH) ";";
+
 // The shared library is also the Python module timm_dcl._C: importing it runs the
 // registrations above. The module itself is empty.
 #ifndef TORCH_EXTENSION_NAME
@@ -853,8 +867,6 @@ TORCH_LIBRARY_IMPL(timm_dcl, CPU, m) {
 #endif
 #define KTG_CONCAT_(a, b) a##b
 #define KTG_CONCAT(a, b) KTG_CONCAT_(a, b)
-#define KTG_STRINGIFY_(a) #a
-#define KTG_STRINGIFY(a) KTG_STRINGIFY_(a)
 
 PyMODINIT_FUNC KTG_CONCAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, KTG_STRINGIFY(TORCH_EXTENSION_NAME),

@@ -5,13 +5,16 @@ is missing or unusable (never built, or built against another torch: undefined
 symbols), :func:`load_extension` compiles the sources in ``<repo>/csrc`` once per process
 with ``torch.utils.cpp_extension.load`` (set ``TIMM_DCL_JIT=0`` to skip that).
 
-``setup.py`` loads this file by path to share :func:`build_options` and
+A library built for another torch version (a build-isolated ``pip install`` fetches the
+newest torch into its build environment) is detected from a marker in the file and not
+loaded. ``setup.py`` loads this file by path to share :func:`build_options` and
 :func:`decide_cuda`, so keep it importable with the standard library alone (torch is
 imported inside the functions).
 
 Environment:
   TIMM_DCL_CUDA=0|1     build without / with the CUDA kernels (default: with them when torch
-                        is a CUDA build and nvcc is found; 1 without nvcc is an error).
+                        is a CUDA build and nvcc of the same CUDA release is found, and for
+                        the JIT build a GPU is visible; 1 without nvcc is an error).
   TIMM_DCL_JIT=0        never JIT-compile at import time.
   TORCH_CUDA_ARCH_LIST  GPU architectures; when unset and no GPU is visible, DEFAULT_ARCH_LIST.
 """
@@ -21,6 +24,8 @@ import glob
 import importlib
 import importlib.util
 import os
+import re
+import subprocess
 import threading
 from pathlib import Path
 
@@ -106,17 +111,47 @@ def cuda_toolkit() -> tuple[bool, str]:
     return False, f"CUDA_HOME={home} has no bin/nvcc or include/cuda_runtime.h (set CUDA_HOME to the toolkit)"
 
 
-def decide_cuda() -> tuple[bool, str]:
-    """Build the CUDA kernels? Honours TIMM_DCL_CUDA; raises if it demands an absent nvcc."""
+def _nvcc_version() -> str | None:
+    from torch.utils import cpp_extension
+
+    try:
+        out = subprocess.run([os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc"), "--version"],
+                             capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"release (\d+)\.(\d+)", out)
+    return f"{match.group(1)}.{match.group(2)}" if match else None
+
+
+def decide_cuda(*, need_gpu: bool = False) -> tuple[bool, str]:
+    """Build the CUDA kernels? Honours TIMM_DCL_CUDA; raises if it demands an absent nvcc.
+
+    Automatically (TIMM_DCL_CUDA unset) only when nvcc's CUDA release matches torch's:
+    torch's pip CUDA headers of another release fail to compile under that nvcc. With
+    ``need_gpu`` (the JIT build) also only when a GPU is visible.
+    """
+    import torch
+
     flag = os.environ.get("TIMM_DCL_CUDA", "").strip()
+    if flag not in ("", "0", "1"):
+        raise RuntimeError(f"TIMM_DCL_CUDA must be 0 or 1, got {flag!r}")
     if flag == "0":
         return False, "TIMM_DCL_CUDA=0"
     ok, why = cuda_toolkit()
-    if flag == "1" and not ok:
-        raise RuntimeError(f"TIMM_DCL_CUDA=1 but the CUDA kernels cannot be built: {why}")
-    if flag not in ("", "0", "1"):
-        raise RuntimeError(f"TIMM_DCL_CUDA must be 0 or 1, got {flag!r}")
-    return ok, why
+    if flag == "1":
+        if not ok:
+            raise RuntimeError(f"TIMM_DCL_CUDA=1 but the CUDA kernels cannot be built: {why}")
+        return True, f"{why}; TIMM_DCL_CUDA=1"
+    if not ok:
+        return False, why
+    nvcc = _nvcc_version()
+    wanted = ".".join(str(torch.version.cuda).split(".")[:2])
+    if nvcc != wanted:
+        return False, (f"nvcc is CUDA {nvcc or '(unknown)'} but torch {torch.__version__} is built "
+                       f"with CUDA {wanted}; set TIMM_DCL_CUDA=1 to try anyway")
+    if need_gpu and not torch.cuda.is_available():
+        return False, "no GPU visible (set TIMM_DCL_CUDA=1 to build the CUDA kernels anyway)"
+    return True, why
 
 
 def default_arch_list() -> str | None:
@@ -155,13 +190,48 @@ def _ops_registered() -> bool:
     return True
 
 
+_BUILD_MARK = re.compile(rb"timm_dcl-build:torch=(\d+)\.(\d+)\.(\d+);")
+
+
+def _built_for(path: str) -> str | None:
+    """The torch version a built library was compiled against (read from the file, not loaded)."""
+    try:
+        with open(path, "rb") as f:
+            match = _BUILD_MARK.search(f.read())
+    except OSError:
+        return None
+    return ".".join(g.decode() for g in match.groups()) if match else None
+
+
+def _version_mismatch() -> str | None:
+    """Why the installed timm_dcl._C must not be loaded, if it was built for another torch.
+
+    A library built against one torch and loaded into another can fail on undefined
+    symbols or, worse, load and crash; its registrations run as soon as it is loaded, so
+    the check happens before the import.
+    """
+    import torch
+
+    try:
+        spec = importlib.util.find_spec("timm_dcl._C")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.origin or not os.path.isfile(spec.origin):
+        return None  # the import reports it
+    built = _built_for(spec.origin)
+    running = torch.__version__.split("+")[0]
+    if built is not None and built != running:
+        return f"timm_dcl._C was built for torch {built} but torch {running} is running"
+    return None
+
+
 def _jit_build() -> tuple[bool, str | None]:
     src = csrc_dir()
     if src is None:
         return False, ("the kernel sources (csrc/ktg_loss.cpp) are not next to the package; "
                        "build from a source checkout with `pip install -e .`")
     try:
-        with_cuda, _ = decide_cuda()
+        with_cuda, _ = decide_cuda(need_gpu=True)
     except RuntimeError as exc:
         return False, str(exc)
     from torch.utils import cpp_extension
@@ -198,16 +268,18 @@ def _jit_build() -> tuple[bool, str | None]:
 
 
 def _load() -> tuple[bool, str | None]:
-    try:
-        importlib.import_module("timm_dcl._C")
-    except Exception as exc:  # ImportError, or OSError/undefined symbol from another torch
-        reason = f"timm_dcl._C could not be imported: {exc}"
-    else:
-        if _ops_registered():
-            return True, None
-        reason = "timm_dcl._C was imported but registered no timm_dcl ops"
-    if _ops_registered():  # loaded some other way (torch.ops.load_library)
+    if _ops_registered():  # loaded some other way (torch.ops.load_library, an earlier JIT)
         return True, None
+    reason = _version_mismatch()
+    if reason is None:
+        try:
+            importlib.import_module("timm_dcl._C")
+        except Exception as exc:  # ImportError, or OSError/undefined symbol from another torch
+            reason = f"timm_dcl._C could not be imported: {exc}"
+        else:
+            if _ops_registered():
+                return True, None
+            reason = "timm_dcl._C was imported but registered no timm_dcl ops"
     if os.environ.get("TIMM_DCL_JIT", "").strip() == "0":
         return False, f"{reason}; JIT build disabled by TIMM_DCL_JIT=0"
     ok, why = _jit_build()
