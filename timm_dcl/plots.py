@@ -12,6 +12,7 @@ def plot_curves(history: Sequence[dict], labels: Sequence[str], path: str | os.P
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     if not history:
         return
@@ -29,6 +30,7 @@ def plot_curves(history: Sequence[dict], labels: Sequence[str], path: str | os.P
     ax_loss.set(xlabel="epoch", ylabel="training loss $L_t$", title="loss")
     for ax in (ax_acc, ax_loss):
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
