@@ -817,11 +817,10 @@ def plot_rungs(study: optuna.Study, path: Path, *, min_resource: int, reduction_
         xs = sorted(t.intermediate_values)
         ys = [t.intermediate_values[x] for x in xs]
         color, alpha = styles[t.state]
-        label = None if t.state in seen else t.state.name.lower()
         seen.add(t.state)
         is_best = t.number == best
         ax.plot(xs, ys, "-", color="black" if is_best else color, alpha=1.0 if is_best else alpha,
-                lw=2.2 if is_best else 0.9, label=label, zorder=3 if is_best else 2)
+                lw=2.2 if is_best else 0.9, zorder=3 if is_best else 2)
         marker = "x" if t.state == TrialState.PRUNED else "o"
         ax.plot(xs[-1:], ys[-1:], marker, color="black" if is_best else color, ms=5 if marker == "x" else 3,
                 alpha=1.0 if is_best else alpha, zorder=3)
@@ -829,6 +828,10 @@ def plot_rungs(study: optuna.Study, path: Path, *, min_resource: int, reduction_
         ax.axvline(r, color="#555555", ls="--", lw=0.7, zorder=1)
         ax.annotate(f"rung {k}", (r, 1.0), xycoords=("data", "axes fraction"), xytext=(2, -10),
                     textcoords="offset points", fontsize=7, color="#555555")
+    # Legend entries drawn apart from the trials: the best trial is black whatever its state.
+    for state in (s for s in styles if s in seen):
+        color, alpha = styles[state]
+        ax.plot([], [], "-", color=color, alpha=alpha, lw=0.9, label=state.name.lower())
     if best is not None:
         ax.plot([], [], "-", color="black", lw=2.2, label=f"best (trial {best})")
     if epochs > 8:  # rungs are evenly spaced on a log scale
