@@ -171,8 +171,12 @@ def test_kaiming_init():
     conv = model.stages[2][3].conv1  # 64 -> 64, 3×3: fan_out = 576
     assert conv.weight.std().item() == pytest.approx((2 / 576) ** 0.5, rel=0.05)
     assert torch.all(model.fc.bias == 0)
-    bn = model.stages[0][0].bn2
-    assert torch.all(bn.weight == 1) and torch.all(bn.bias == 0)
+    block = model.stages[0][0]
+    assert torch.all(block.bn1.weight == 1) and torch.all(block.bn1.bias == 0)
+    # Each residual branch starts at zero (the default), so every block starts as its shortcut.
+    assert torch.all(block.bn2.weight == 0) and torch.all(block.bn2.bias == 0)
+    plain = timm.create_model("resnet56", zero_init_last=False).stages[0][0].bn2
+    assert torch.all(plain.weight == 1) and torch.all(plain.bias == 0)
 
 
 @pytest.mark.parametrize("name", ["resnet20", "wrn16_2"])
