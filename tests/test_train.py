@@ -173,21 +173,20 @@ def test_dml_at_the_papers_lr_does_not_blow_up(cifar10, model):
     import timm
 
     from timm_dcl import KTGLoss
-    from timm_dcl.data import augment_batch, build_data
+    from timm_dcl.data import augment_batch, build_data, normalize
 
     torch.manual_seed(0)
     data = build_data("cifar10", data_dir=cifar10, train_subset=640, eval_subset=10, seed=0, num_workers=0,
                       cache=False)
     nets = [timm.create_model(model, num_classes=10) for _ in range(2)]
     opts = [torch.optim.SGD(n.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4) for n in nets]
-    mean = torch.tensor(nets[0].pretrained_cfg["mean"]).view(1, 3, 1, 1) * 255
-    std = torch.tensor(nets[0].pretrained_cfg["std"]).view(1, 3, 1, 1) * 255
+    cfg = nets[0].pretrained_cfg
     loss_fn = KTGLoss([["through"] * 2] * 2)
     gen = torch.Generator().manual_seed(0)
     peak, losses = 0.0, []
     for _ in range(20):
         idx = torch.randint(0, len(data.train), (64,), generator=gen)
-        x = (augment_batch(data.train.images[idx], generator=gen).float() - mean) / std
+        x = normalize(augment_batch(data.train.images[idx], generator=gen), cfg["mean"], cfg["std"])
         logits = [n(x) for n in nets]
         loss = loss_fn(logits, data.train.labels[idx])
         loss.sum().backward()
