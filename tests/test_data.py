@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from timm_dcl import data as D
+from timm_dcl.data import memory as M
 from timm_dcl.data import (BatchLoader, DatasetUnavailableError, GPUAugment, ImageData, Normalize,
                            apply_crop_flip, augment_batch, build_data, load_dataset_split, normalize,
                            sample_augment_params)
@@ -193,7 +194,7 @@ def test_tiny_imagenet_greyscale_becomes_rgb(tiny_dir):
 
 
 def test_cache_roundtrip_and_corruption(tmp_path, cifar10_dir, monkeypatch):
-    monkeypatch.setattr(D, "MIN_CACHED_ROWS", 0)
+    monkeypatch.setattr(M, "MIN_CACHED_ROWS", 0)
     cache = tmp_path / "cache"
     first = build_data("cifar10", data_dir=cifar10_dir, train_subset=50, eval_subset=20, cache_dir=cache)
     files = sorted(cache.glob("*.pt"))
@@ -201,14 +202,14 @@ def test_cache_roundtrip_and_corruption(tmp_path, cifar10_dir, monkeypatch):
 
     def no_decode(*args, **kwargs):
         raise AssertionError("decoded although cached")
-    monkeypatch.setattr(D, "decode_images", no_decode)
+    monkeypatch.setattr(M, "decode_images", no_decode)
     second = build_data("cifar10", data_dir=cifar10_dir, train_subset=50, eval_subset=20, cache_dir=cache)
     assert torch.equal(first.train.images, second.train.images) and torch.equal(first.eval.images, second.eval.images)
     # A different subset is a different key: it must decode.
     with pytest.raises(AssertionError, match="decoded although cached"):
         build_data("cifar10", data_dir=cifar10_dir, train_subset=60, eval_subset=20, cache_dir=cache)
     monkeypatch.undo()
-    monkeypatch.setattr(D, "MIN_CACHED_ROWS", 0)
+    monkeypatch.setattr(M, "MIN_CACHED_ROWS", 0)
     for f in files:
         f.write_bytes(b"truncated")
     with pytest.warns(UserWarning, match="unreadable image cache"):
@@ -272,7 +273,7 @@ def test_error_unknown_columns(tmp_path):
 
 def test_error_offline_hub_is_fast_and_clear(tmp_path):
     # A fresh interpreter: the hub libraries read the offline switches at import time.
-    pkg_root = Path(D.__file__).resolve().parents[1]
+    pkg_root = Path(D.__file__).resolve().parents[2]
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path / "hf"),
                PYTHONPATH=os.pathsep.join([str(pkg_root), os.environ.get("PYTHONPATH", "")]))
     code = ("from timm_dcl.data import build_data, DatasetUnavailableError\n"

@@ -1,0 +1,292 @@
+"""The in-memory path: decode a split once into uint8 ``[N, 3, H, W]`` (cached on disk), slice
+batches out of it (on the device if asked)."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .sources import _Split, _encoded_rows
+from .splits import _check_count
+
+__all__ = ["ImageData", "decode_images", "default_cache_dir", "BatchLoader", "ImageTensorDataset",
+           "make_torch_dataset", "MIN_CACHED_ROWS"]
+
+# Decoding this few rows is cheaper than a cache round-trip; below it nothing is cached.
+MIN_CACHED_ROWS = 4096
+# Rows below which a process pool costs more than it saves.
+_MIN_POOL_ROWS = 4096
+_CACHE_FORMAT = 1
+
+
+@dataclass
+class ImageData:
+    """One decoded split: uint8 RGB images ``[N, 3, H, W]`` and int64 labels ``[N]``."""
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: list[str]
+    #: Row of each image in its source split (for subsets: which rows were drawn).
+    indices: Optional[torch.Tensor] = None
+
+    def __post_init__(self):
+        if not isinstance(self.images, torch.Tensor) or self.images.dtype != torch.uint8 or self.images.dim() != 4:
+            raise ValueError("images must be a uint8 tensor [N, C, H, W]")
+        if not isinstance(self.labels, torch.Tensor) or self.labels.dim() != 1 \
+                or self.labels.shape[0] != self.images.shape[0]:
+            raise ValueError(f"labels must be a tensor [N] with N = {self.images.shape[0]} (the image count)")
+        if self.labels.dtype != torch.int64:
+            self.labels = self.labels.long()
+        if len(self.classes) < 1:
+            raise ValueError("classes must name at least one class")
+        if self.labels.numel() and (int(self.labels.min()) < 0 or int(self.labels.max()) >= len(self.classes)):
+            raise ValueError(f"labels must lie in [0, {len(self.classes)}), got "
+                             f"[{int(self.labels.min())}, {int(self.labels.max())}]")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def input_size(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])  # type: ignore[return-value]
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+
+
+def _decode_one(blob: Optional[bytes], path: Optional[str], row: int) -> np.ndarray:
+    from PIL import Image
+    if blob is None:
+        if not path or not os.path.isfile(path):
+            raise ValueError(f"row {row} has no image bytes and its path {path!r} is not a file")
+        with open(path, "rb") as f:
+            blob = f.read()
+    with Image.open(io.BytesIO(blob)) as im:
+        if im.mode != "RGB":  # greyscale, CMYK, palette, RGBA
+            im = im.convert("RGB")
+        return np.asarray(im)
+
+
+def _decode_chunk(args) -> np.ndarray:
+    blobs, paths, first_row = args
+    out = None
+    for i, (blob, path) in enumerate(zip(blobs, paths)):
+        arr = _decode_one(blob, path, first_row + i)
+        if out is None:
+            out = np.empty((len(blobs),) + arr.shape, dtype=np.uint8)
+        elif arr.shape != out.shape[1:]:
+            raise ValueError(f"images differ in size: row {first_row} is {out.shape[1:3]}, "
+                             f"row {first_row + i} is {arr.shape[:2]}")
+        out[i] = arr
+    return out
+
+
+def _default_workers() -> int:
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        n = os.cpu_count() or 1
+    return max(1, min(n, 8))
+
+
+def decode_images(blobs: Sequence[Optional[bytes]], paths: Optional[Sequence[Optional[str]]] = None, *,
+                  num_workers: Optional[int] = None) -> torch.Tensor:
+    """Decode encoded images (JPEG/PNG, …) with PIL into one uint8 tensor ``[N, 3, H, W]`` (RGB).
+
+    All images must share one size. Large batches are decoded by a pool of forked processes.
+    """
+    n = len(blobs)
+    paths = [None] * n if paths is None else list(paths)
+    if n == 0:
+        raise ValueError("no images to decode")
+    workers = _default_workers() if num_workers is None else max(1, int(num_workers))
+    import multiprocessing as mp
+    if workers > 1 and n >= _MIN_POOL_ROWS and "fork" in mp.get_all_start_methods():
+        from concurrent.futures import ProcessPoolExecutor
+        step = math.ceil(n / (workers * 4))
+        jobs = [(list(blobs[i:i + step]), paths[i:i + step], i) for i in range(0, n, step)]
+        # fork: the workers need only PIL/numpy, and spawning would re-import torch in each.
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
+            chunks = list(pool.map(_decode_chunk, jobs))
+    else:
+        chunks = [_decode_chunk((list(blobs), paths, 0))]
+    sizes = {c.shape[1:] for c in chunks}
+    if len(sizes) > 1:
+        raise ValueError(f"images differ in size: {sorted(s[:2] for s in sizes)}")
+    arr = chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+
+
+# ---------------------------------------------------------------------------------------------
+# on-disk cache of decoded images
+
+
+def default_cache_dir() -> Optional[Path]:
+    """``$TIMM_DCL_CACHE`` or ``~/.cache/timm_dcl``; None when the variable is set to off/0/none/''."""
+    env = os.environ.get("TIMM_DCL_CACHE")
+    if env is not None:
+        return None if env.strip().lower() in ("", "0", "off", "none", "false") else Path(env).expanduser()
+    return Path.home() / ".cache" / "timm_dcl"
+
+
+def _cache_path(cache_dir: Path, name: str, split: _Split, image_col: str, rows: np.ndarray) -> tuple[Path, str]:
+    rows_hash = hashlib.sha256(np.ascontiguousarray(rows, dtype=np.int64).tobytes()).hexdigest()
+    key = hashlib.sha256(json.dumps(
+        [_CACHE_FORMAT, split.fingerprint, split.name, image_col, len(rows), rows_hash]).encode()).hexdigest()
+    return cache_dir / f"{name}-{split.name}-{len(rows)}-{key[:20]}.pt", key
+
+
+def _cache_load(path: Path, key: str, n: int) -> Optional[torch.Tensor]:
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        return None
+    except Exception as e:  # truncated/corrupt: decode again and overwrite
+        warnings.warn(f"ignoring unreadable image cache {path}: {e}")
+        return None
+    images = blob.get("images") if isinstance(blob, dict) else None
+    if blob.get("key") != key or not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 \
+            or images.dim() != 4 or images.shape[0] != n:
+        return None
+    return images
+
+
+def _cache_save(path: Path, key: str, images: torch.Tensor) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Write beside the target, then rename: readers in other processes never see a partial file.
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save({"key": key, "images": images}, f)
+            os.chmod(tmp, 0o644)  # mkstemp makes it private; a shared cache should be readable
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+    except OSError as e:  # a read-only or full cache disk must not stop training
+        warnings.warn(f"could not write image cache {path}: {e}")
+
+
+def _decode_split(name: str, split: _Split, image_col: str, rows: np.ndarray, labels: np.ndarray,
+                  classes: list[str], *, cache_dir: Optional[Path], num_workers: Optional[int]) -> ImageData:
+    if len(rows) == 0:
+        raise ValueError(f"split {split.name!r} selects no images")
+    images = None
+    use_cache = cache_dir is not None and len(rows) >= MIN_CACHED_ROWS
+    if use_cache:
+        path, key = _cache_path(cache_dir, name, split, image_col, rows)
+        images = _cache_load(path, key, len(rows))
+    if images is None:
+        blobs, paths = _encoded_rows(split, image_col, rows)
+        images = decode_images(blobs, paths, num_workers=num_workers)
+        if use_cache:
+            _cache_save(path, key, images)
+    return ImageData(images=images, labels=torch.from_numpy(labels[rows].copy()), classes=classes,
+                     indices=torch.from_numpy(np.asarray(rows, dtype=np.int64)))
+
+
+
+# ---------------------------------------------------------------------------------------------
+# batching
+
+
+class BatchLoader:
+    """Batches ``(images_uint8, labels)`` out of an in-memory :class:`ImageData`.
+
+    The order of an epoch is a permutation drawn from ``torch.Generator().manual_seed(seed + epoch)``,
+    identical on every rank; with ``num_shards`` > 1 each rank takes its own contiguous,
+    equal-size slice of it (the last ``N % num_shards`` images of the permutation are left out
+    that epoch). ``device`` moves the whole split there once, so batches are sliced on the device.
+    """
+
+    def __init__(self, data: ImageData, batch_size: int, *, shuffle: bool = True, drop_last: bool = False,
+                 seed: int = 0, num_shards: int = 1, shard_index: int = 0,
+                 device: Union[str, torch.device, None] = None, pin_memory: bool = False):
+        if not isinstance(data, ImageData):
+            raise TypeError(f"data must be an ImageData, got {type(data).__name__}")
+        batch_size = _check_count("batch_size", batch_size)
+        num_shards, shard_index = _check_count("num_shards", num_shards), _check_count("shard_index", shard_index)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+        if num_shards < 1 or not 0 <= shard_index < num_shards:
+            raise ValueError(f"need num_shards ≥ 1 and 0 ≤ shard_index < num_shards, got {shard_index}/{num_shards}")
+        if len(data) < num_shards:
+            raise ValueError(f"{len(data)} images cannot be split over {num_shards} shards")
+        self.images, self.labels = data.images, data.labels
+        if device is not None:
+            self.images, self.labels = self.images.to(device), self.labels.to(device)
+        self.pin_memory = bool(pin_memory) and self.images.device.type == "cpu"
+        if self.pin_memory and not torch.cuda.is_available():
+            warnings.warn("pin_memory=True but no CUDA device is available; not pinning")
+            self.pin_memory = False
+        self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
+        self.seed = _check_count("seed", seed)
+        self.num_shards, self.shard_index = num_shards, shard_index
+        self.epoch = 0
+        self.per_shard = len(data) // num_shards
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = _check_count("epoch", epoch)
+
+    def epoch_indices(self, epoch: Optional[int] = None) -> torch.Tensor:
+        """This shard's row order for ``epoch`` (default: the current one), int64 on the CPU."""
+        epoch = self.epoch if epoch is None else epoch
+        n = self.images.shape[0]
+        if self.shuffle:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + epoch))
+        else:
+            order = torch.arange(n)
+        start = self.shard_index * self.per_shard
+        return order[start:start + self.per_shard]
+
+    def __len__(self) -> int:
+        if self.drop_last:
+            return self.per_shard // self.batch_size
+        return math.ceil(self.per_shard / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = self.epoch_indices().to(self.images.device)
+        for b in range(len(self)):
+            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+            images, labels = self.images[idx], self.labels[idx]
+            if self.pin_memory:
+                images, labels = images.pin_memory(), labels.pin_memory()
+            yield images, labels
+
+
+# ---------------------------------------------------------------------------------------------
+# per-sample baseline (a standard Dataset for a torch DataLoader)
+
+
+class ImageTensorDataset(Dataset):
+    """``(transform(image_uint8_chw), label)`` per index, for a per-sample ``DataLoader``."""
+
+    def __init__(self, data: ImageData, transform=None):
+        self.images, self.labels, self.transform = data.images, data.labels, transform
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, i: int):
+        image = self.images[i]
+        return (self.transform(image) if self.transform is not None else image), int(self.labels[i])
+
+
+def make_torch_dataset(data: ImageData, transform=None) -> ImageTensorDataset:
+    return ImageTensorDataset(data, transform)
+
