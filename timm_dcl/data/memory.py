@@ -3,7 +3,6 @@ batches out of it (on the device if asked)."""
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 import os
@@ -17,11 +16,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .sources import _Split, _encoded_rows
-from .splits import _check_count
+from .sources import SourceSplit, pil_rgb
+from .splits import _check_count, check_sharding, shard_positions
 
-__all__ = ["ImageData", "decode_images", "default_cache_dir", "BatchLoader", "ImageTensorDataset",
-           "make_torch_dataset", "MIN_CACHED_ROWS"]
+__all__ = ["ImageData", "decode_images", "default_cache_dir", "BatchLoader", "InMemoryTrainLoader",
+           "InMemoryEvalLoader", "ImageTensorDataset",
+           "make_torch_dataset", "MIN_CACHED_ROWS", "decode_split"]
 
 # Decoding this few rows is cheaper than a cache round-trip; below it nothing is cached.
 MIN_CACHED_ROWS = 4096
@@ -66,29 +66,25 @@ class ImageData:
 
 
 
-def _decode_one(blob: Optional[bytes], path: Optional[str], row: int) -> np.ndarray:
-    from PIL import Image
-    if blob is None:
-        if not path or not os.path.isfile(path):
-            raise ValueError(f"row {row} has no image bytes and its path {path!r} is not a file")
-        with open(path, "rb") as f:
-            blob = f.read()
-    with Image.open(io.BytesIO(blob)) as im:
-        if im.mode != "RGB":  # greyscale, CMYK, palette, RGBA
-            im = im.convert("RGB")
+def _decode_one(blob: Optional[bytes], path: Optional[str], row: int, transform=None) -> np.ndarray:
+    im = pil_rgb(blob, path, row)
+    if transform is None:
         return np.asarray(im)
+    # timm's transforms with use_prefetcher=True end in a uint8 CHW tensor; stored HWC like the rest
+    return np.asarray(transform(im)).transpose(1, 2, 0)
 
 
 def _decode_chunk(args) -> np.ndarray:
-    blobs, paths, first_row = args
+    blobs, paths, first_row, transform = args
     out = None
     for i, (blob, path) in enumerate(zip(blobs, paths)):
-        arr = _decode_one(blob, path, first_row + i)
+        arr = _decode_one(blob, path, first_row + i, transform)
         if out is None:
             out = np.empty((len(blobs),) + arr.shape, dtype=np.uint8)
         elif arr.shape != out.shape[1:]:
             raise ValueError(f"images differ in size: row {first_row} is {out.shape[1:3]}, "
-                             f"row {first_row + i} is {arr.shape[:2]}")
+                             f"row {first_row + i} is {arr.shape[:2]}; pass input_size (--input-size) "
+                             f"to resize them")
         out[i] = arr
     return out
 
@@ -102,10 +98,12 @@ def _default_workers() -> int:
 
 
 def decode_images(blobs: Sequence[Optional[bytes]], paths: Optional[Sequence[Optional[str]]] = None, *,
-                  num_workers: Optional[int] = None) -> torch.Tensor:
+                  num_workers: Optional[int] = None, transform=None) -> torch.Tensor:
     """Decode encoded images (JPEG/PNG, …) with PIL into one uint8 tensor ``[N, 3, H, W]`` (RGB).
 
-    All images must share one size. Large batches are decoded by a pool of forked processes.
+    ``transform`` (PIL image → uint8 CHW tensor, e.g. timm's eval transform with
+    ``use_prefetcher=True``) is applied to each image. All images must come out one size. Large
+    batches are decoded by a pool of forked processes.
     """
     n = len(blobs)
     paths = [None] * n if paths is None else list(paths)
@@ -116,15 +114,16 @@ def decode_images(blobs: Sequence[Optional[bytes]], paths: Optional[Sequence[Opt
     if workers > 1 and n >= _MIN_POOL_ROWS and "fork" in mp.get_all_start_methods():
         from concurrent.futures import ProcessPoolExecutor
         step = math.ceil(n / (workers * 4))
-        jobs = [(list(blobs[i:i + step]), paths[i:i + step], i) for i in range(0, n, step)]
+        jobs = [(list(blobs[i:i + step]), paths[i:i + step], i, transform) for i in range(0, n, step)]
         # fork: the workers need only PIL/numpy, and spawning would re-import torch in each.
         with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
             chunks = list(pool.map(_decode_chunk, jobs))
     else:
-        chunks = [_decode_chunk((list(blobs), paths, 0))]
+        chunks = [_decode_chunk((list(blobs), paths, 0, transform))]
     sizes = {c.shape[1:] for c in chunks}
     if len(sizes) > 1:
-        raise ValueError(f"images differ in size: {sorted(s[:2] for s in sizes)}")
+        raise ValueError(f"images differ in size: {sorted(s[:2] for s in sizes)}; pass input_size "
+                         f"(--input-size) to resize them")
     arr = chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
 
@@ -142,10 +141,12 @@ def default_cache_dir() -> Optional[Path]:
     return Path.home() / ".cache" / "timm_dcl"
 
 
-def _cache_path(cache_dir: Path, name: str, split: _Split, image_col: str, rows: np.ndarray) -> tuple[Path, str]:
+def _cache_path(cache_dir: Path, name: str, split: SourceSplit, rows: np.ndarray, transform) -> tuple[Path, str]:
     rows_hash = hashlib.sha256(np.ascontiguousarray(rows, dtype=np.int64).tobytes()).hexdigest()
-    key = hashlib.sha256(json.dumps(
-        [_CACHE_FORMAT, split.fingerprint, split.name, image_col, len(rows), rows_hash]).encode()).hexdigest()
+    what = [_CACHE_FORMAT, split.fingerprint(), split.name, getattr(split, "image_col", None), len(rows), rows_hash]
+    if transform is not None:  # resized copies are other images; the transform's repr names its sizes
+        what.append(repr(transform))
+    key = hashlib.sha256(json.dumps(what).encode()).hexdigest()
     return cache_dir / f"{name}-{split.name}-{len(rows)}-{key[:20]}.pt", key
 
 
@@ -182,23 +183,23 @@ def _cache_save(path: Path, key: str, images: torch.Tensor) -> None:
         warnings.warn(f"could not write image cache {path}: {e}")
 
 
-def _decode_split(name: str, split: _Split, image_col: str, rows: np.ndarray, labels: np.ndarray,
-                  classes: list[str], *, cache_dir: Optional[Path], num_workers: Optional[int]) -> ImageData:
+def decode_split(name: str, split: SourceSplit, rows: np.ndarray, classes: list[str], *,
+                 cache_dir: Optional[Path], num_workers: Optional[int], transform=None) -> ImageData:
+    """Decode ``rows`` of ``split`` (through ``transform`` if given), from the cache when it has them."""
     if len(rows) == 0:
         raise ValueError(f"split {split.name!r} selects no images")
     images = None
     use_cache = cache_dir is not None and len(rows) >= MIN_CACHED_ROWS
     if use_cache:
-        path, key = _cache_path(cache_dir, name, split, image_col, rows)
+        path, key = _cache_path(cache_dir, name, split, rows, transform)
         images = _cache_load(path, key, len(rows))
     if images is None:
-        blobs, paths = _encoded_rows(split, image_col, rows)
-        images = decode_images(blobs, paths, num_workers=num_workers)
+        blobs, paths = split.encoded(rows)
+        images = decode_images(blobs, paths, num_workers=num_workers, transform=transform)
         if use_cache:
             _cache_save(path, key, images)
-    return ImageData(images=images, labels=torch.from_numpy(labels[rows].copy()), classes=classes,
+    return ImageData(images=images, labels=torch.from_numpy(split.labels[rows].copy()), classes=classes,
                      indices=torch.from_numpy(np.asarray(rows, dtype=np.int64)))
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,14 +220,7 @@ class BatchLoader:
                  device: Union[str, torch.device, None] = None, pin_memory: bool = False):
         if not isinstance(data, ImageData):
             raise TypeError(f"data must be an ImageData, got {type(data).__name__}")
-        batch_size = _check_count("batch_size", batch_size)
-        num_shards, shard_index = _check_count("num_shards", num_shards), _check_count("shard_index", shard_index)
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
-        if num_shards < 1 or not 0 <= shard_index < num_shards:
-            raise ValueError(f"need num_shards ≥ 1 and 0 ≤ shard_index < num_shards, got {shard_index}/{num_shards}")
-        if len(data) < num_shards:
-            raise ValueError(f"{len(data)} images cannot be split over {num_shards} shards")
+        check_sharding(len(data), batch_size, num_shards, shard_index)
         self.images, self.labels = data.images, data.labels
         if device is not None:
             self.images, self.labels = self.images.to(device), self.labels.to(device)
@@ -234,25 +228,23 @@ class BatchLoader:
         if self.pin_memory and not torch.cuda.is_available():
             warnings.warn("pin_memory=True but no CUDA device is available; not pinning")
             self.pin_memory = False
-        self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
+        self.batch_size, self.shuffle, self.drop_last = int(batch_size), shuffle, drop_last
         self.seed = _check_count("seed", seed)
-        self.num_shards, self.shard_index = num_shards, shard_index
+        self.num_shards, self.shard_index = int(num_shards), int(shard_index)
         self.epoch = 0
         self.per_shard = len(data) // num_shards
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = _check_count("epoch", epoch)
 
+    def epoch_positions(self, epoch: Optional[int] = None) -> torch.Tensor:
+        """This shard's positions in the split for ``epoch`` (default: the current one), int64 on the CPU."""
+        return shard_positions(self.images.shape[0], seed=self.seed, epoch=self.epoch if epoch is None else epoch,
+                               num_shards=self.num_shards, shard_index=self.shard_index, shuffle=self.shuffle)
+
     def epoch_indices(self, epoch: Optional[int] = None) -> torch.Tensor:
-        """This shard's row order for ``epoch`` (default: the current one), int64 on the CPU."""
-        epoch = self.epoch if epoch is None else epoch
-        n = self.images.shape[0]
-        if self.shuffle:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + epoch))
-        else:
-            order = torch.arange(n)
-        start = self.shard_index * self.per_shard
-        return order[start:start + self.per_shard]
+        """This shard's row order for ``epoch`` (positions in the :class:`ImageData`)."""
+        return self.epoch_positions(epoch)
 
     def __len__(self) -> int:
         if self.drop_last:
@@ -260,13 +252,51 @@ class BatchLoader:
         return math.ceil(self.per_shard / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = self.epoch_indices().to(self.images.device)
+        order = self.epoch_positions().to(self.images.device)
         for b in range(len(self)):
             idx = order[b * self.batch_size:(b + 1) * self.batch_size]
             images, labels = self.images[idx], self.labels[idx]
             if self.pin_memory:
                 images, labels = images.pin_memory(), labels.pin_memory()
             yield images, labels
+
+
+class InMemoryTrainLoader(BatchLoader):
+    """:class:`BatchLoader` with the trainer's interface: ``epoch_indices`` names source rows, and
+    ``augment(images, generator)`` is the batched augmentation to run on the device."""
+
+    def __init__(self, data: ImageData, batch_size: int, *, augment, seed: int, **kwargs):
+        super().__init__(data, batch_size, shuffle=True, seed=seed, **kwargs)
+        self.rows = data.indices if data.indices is not None else torch.arange(len(data))
+        self._augment = augment
+
+    def epoch_indices(self, epoch: Optional[int] = None) -> torch.Tensor:
+        """The source rows this shard sees in ``epoch``, in order."""
+        return self.rows[self.epoch_positions(epoch)]
+
+    def augment(self, images: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        return self._augment(images, generator)
+
+
+class InMemoryEvalLoader:
+    """Every ``num_shards``-th image from ``shard_index`` on, in order, moved to ``device`` once:
+    make it once and iterate it every evaluation."""
+
+    def __init__(self, data: ImageData, batch_size: int = 256, *, num_shards: int = 1, shard_index: int = 0,
+                 device: Union[str, torch.device, None] = None):
+        check_sharding(len(data), batch_size, num_shards, shard_index)
+        take = torch.arange(shard_index, len(data), num_shards)
+        self.images, self.labels = data.images[take], data.labels[take]
+        if device is not None:
+            self.images, self.labels = self.images.to(device), self.labels.to(device)
+        self.batch_size = int(batch_size)
+
+    def __len__(self) -> int:
+        return math.ceil(self.images.shape[0] / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for start in range(0, self.images.shape[0], self.batch_size):
+            yield self.images[start:start + self.batch_size], self.labels[start:start + self.batch_size]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,12 +1,13 @@
 """Seeded, class-balanced subsets and train/validation splits, drawn from the labels alone
-(before any image is decoded)."""
+(before any image is decoded), and the per-epoch order of a split sharded over ranks."""
 from __future__ import annotations
 
 from typing import Optional
 
 import numpy as np
+import torch
 
-__all__ = ["balanced_subset_indices", "split_train_val"]
+__all__ = ["balanced_subset_indices", "split_train_val", "shard_positions", "check_sharding"]
 
 
 def _check_count(name: str, n) -> int:
@@ -94,3 +95,28 @@ def split_train_val(labels, *, val_size: int = 0, train_subset: Optional[int] = 
     train = np.concatenate([p[v:v + t] for p, v, t in zip(perms, val_counts, train_counts)])
     return np.sort(train), np.sort(val)
 
+
+
+# ---------------------------------------------------------------------------------------------
+# sharding an epoch over ranks
+
+
+def check_sharding(n: int, batch_size: int, num_shards: int, shard_index: int) -> None:
+    batch_size = _check_count("batch_size", batch_size)
+    num_shards, shard_index = _check_count("num_shards", num_shards), _check_count("shard_index", shard_index)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+    if num_shards < 1 or not 0 <= shard_index < num_shards:
+        raise ValueError(f"need num_shards ≥ 1 and 0 ≤ shard_index < num_shards, got {shard_index}/{num_shards}")
+    if n < num_shards:
+        raise ValueError(f"{n} images cannot be split over {num_shards} shards")
+
+
+def shard_positions(n: int, *, seed: int, epoch: int, num_shards: int = 1, shard_index: int = 0,
+                    shuffle: bool = True) -> torch.Tensor:
+    """This shard's positions for ``epoch``: a permutation seeded by ``seed + epoch`` (the same on
+    every rank), cut into ``num_shards`` contiguous equal slices; the last ``n % num_shards``
+    positions sit the epoch out so every rank runs the same number of steps."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)) if shuffle else torch.arange(n)
+    per_shard = n // num_shards
+    return order[shard_index * per_shard:(shard_index + 1) * per_shard]
