@@ -34,3 +34,76 @@ def shared_data() -> Path:
     if not path.is_dir():
         pytest.skip(f"shared data folder not found at {path}")
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# small data sets made from the Tiny-ImageNet subset, in the other layouts timm-dcl reads
+
+#: Classes, and images per class (train, val), of the made data sets.
+TINY_MADE_CLASSES = 10
+TINY_MADE_PER_CLASS = (6, 3)
+
+
+def _tiny_rows(shared: Path):
+    """``{split: [(jpeg bytes, label), ...]}``: the first images of the first classes, sorted by
+    label (stable), which is also the order timm's folder reader lists the folder made of them."""
+    import pyarrow.parquet as pq
+    root = shared / "tiny-imagenet-200"
+    if not (root / "train.parquet").is_file():
+        pytest.skip(f"Tiny-ImageNet parquet copy not found in {root}")
+    out = {}
+    for split, file, per in (("train", "train.parquet", TINY_MADE_PER_CLASS[0]),
+                             ("val", "valid.parquet", TINY_MADE_PER_CLASS[1])):
+        table = pq.read_table(root / file).to_pydict()
+        taken: dict[int, int] = {}
+        rows = []
+        for image, label in zip(table["image"], table["label"]):
+            if label < TINY_MADE_CLASSES and taken.get(label, 0) < per:
+                taken[label] = taken.get(label, 0) + 1
+                rows.append((image["bytes"], int(label)))
+        out[split] = sorted(rows, key=lambda r: r[1])
+    return out
+
+
+def tiny_wnids(shared: Path) -> list[str]:
+    lines = (shared / "tiny-imagenet-200" / "classes.txt").read_text().splitlines()
+    return [line.split("\t")[1] for line in lines if line.strip()][:TINY_MADE_CLASSES]
+
+
+@pytest.fixture(scope="session")
+def tiny_rows(shared_data):
+    return _tiny_rows(shared_data)
+
+
+@pytest.fixture(scope="session")
+def tiny_image_folder(tmp_path_factory, shared_data, tiny_rows) -> Path:
+    """DIR/train/<wnid>/<k>.JPEG and DIR/val/<wnid>/<k>.JPEG, the Tiny-ImageNet JPEGs unchanged."""
+    root = tmp_path_factory.mktemp("tiny_folder")
+    wnids = tiny_wnids(shared_data)
+    for split, rows in tiny_rows.items():
+        for k, (blob, label) in enumerate(rows):
+            path = root / split / wnids[label] / f"{k:04d}.JPEG"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(blob)
+    return root
+
+
+def write_tiny_parquet(root: Path, rows_by_split: dict, wnids: list[str], *, repeat: int = 1) -> Path:
+    """Parquet split files with OTHER column names: ``picture`` (Image), ``category`` (ClassLabel)
+    and an integer ``source_row``; ``repeat`` copies every row that many times."""
+    import datasets
+    from datasets import ClassLabel, Features, Image, Value
+    feats = Features({"picture": Image(), "category": ClassLabel(names=wnids), "source_row": Value("int64")})
+    root.mkdir(parents=True, exist_ok=True)
+    for split, file in (("train", "train"), ("val", "validation")):
+        rows = rows_by_split[split] * repeat
+        ds = datasets.Dataset.from_dict({"picture": [{"bytes": b, "path": None} for b, _ in rows],
+                                         "category": [lab for _, lab in rows],
+                                         "source_row": list(range(len(rows)))}, features=feats)
+        ds.to_parquet(str(root / f"{file}.parquet"))
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_parquet_renamed(tmp_path_factory, shared_data, tiny_rows) -> Path:
+    return write_tiny_parquet(tmp_path_factory.mktemp("tiny_parquet") / "data", tiny_rows, tiny_wnids(shared_data))

@@ -276,15 +276,20 @@ def test_error_offline_hub_is_fast_and_clear(tmp_path):
     pkg_root = Path(D.__file__).resolve().parents[2]
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path / "hf"),
                PYTHONPATH=os.pathsep.join([str(pkg_root), os.environ.get("PYTHONPATH", "")]))
+    # One interpreter for both (its start dominates): a named data set's hub copy and any hfds/ id.
     code = ("from timm_dcl.data import build_data, DatasetUnavailableError\n"
-            "try:\n    build_data('cifar100')\n"
-            "except DatasetUnavailableError as e:\n    print('ERROR:', e)\n")
+            "for name in ('cifar100', 'hfds/nobody-here/no-such-dataset'):\n"
+            "    try:\n        build_data(name)\n"
+            "    except DatasetUnavailableError as e:\n        print('ERROR:', e)\n")
     start = time.monotonic()
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     elapsed = time.monotonic() - start
     assert out.returncode == 0, out.stderr
     assert "ERROR: could not load 'uoft-cs/cifar100' from the Hugging Face hub (offline?)" in out.stdout
     assert "--data-dir DIR with train.parquet and test.parquet" in out.stdout
+    assert "ERROR: could not load 'nobody-here/no-such-dataset' from the Hugging Face hub (offline?)" in out.stdout
+    assert "--dataset parquet --data-dir DIR" in out.stdout
+    assert out.stdout.count("ERROR:") == 2
     assert elapsed < 60
 
 
