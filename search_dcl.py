@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     from timm_dcl.config import HelpFormatter, add_data_args, add_train_args
 
     parser = argparse.ArgumentParser(
-        description="Search the models and gates of a Knowledge Transfer Graph with ASHA (Optuna).",
+        prog="search_dcl.py", description="Search the models and gates of a Knowledge Transfer Graph with ASHA (Optuna).",
         formatter_class=HelpFormatter)
     g = parser.add_argument_group("search space")
     g.add_argument("--num-nodes", type=int, default=3, metavar="M", help="nodes of the graph, the target included")
@@ -52,6 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--poll-interval", type=float, default=5.0, metavar="SEC",
                    help="how often an idle worker checks whether the last running trials ended")
     g.add_argument("--top-k", type=int, default=3, help="graphs drawn in OUTPUT/top_graphs")
+    g.add_argument("--no-baselines", dest="baselines", action="store_false",
+                   help="do not seed the study (and the report) with the independent, DML and KD graphs")
+    g = parser.add_argument_group("final report (--report)")
+    g.add_argument("--report", action="store_true",
+                   help="instead of searching: retrain the top graphs and the baselines on the whole training "
+                        "split over seeds, score node 0 on the test split at the last epoch, and write "
+                        "OUTPUT/report.md, report.json, report.png (runs in OUTPUT/report/, resumable)")
+    g.add_argument("--report-top", type=int, default=3, metavar="K", help="searched graphs in the report")
+    g.add_argument("--report-seeds", type=int, default=3, metavar="N", help="runs per graph in the report")
     g.add_argument("--output", default=None, metavar="DIR", help="default: output/search/<dataset>-<M>nodes")
     add_data_args(parser)
     add_train_args(parser)
@@ -73,15 +82,21 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, previous)
 
 
+class _DataError(Exception):
+    """The data set could not be loaded: a command-line error, not a crash."""
+
+
 def _search(args: argparse.Namespace, worker) -> int:
     import optuna
 
     from timm_dcl.config import TrainConfig
-    from timm_dcl.search import (SearchSpace, SearchWorker, StorageError, make_pruner, make_sampler, open_storage,
-                                 open_study, search_settings, write_report)
+    from timm_dcl.search import (ReportSettings, SearchSpace, SearchWorker, StorageError, enqueue_baselines,
+                                 make_pruner, make_sampler, open_storage, open_study, run_report, search_settings,
+                                 write_summary)
 
     def fail(e: BaseException) -> int:
-        print(f"search_dcl.py: error: {e}", file=sys.stderr)
+        text = " ".join(str(e).split()) or type(e).__name__
+        print(f"search_dcl.py: error: {text}", file=sys.stderr)
         return 2
 
     try:
@@ -94,6 +109,7 @@ def _search(args: argparse.Namespace, worker) -> int:
         if args.val_size < 1:
             raise ValueError("the search scores node 0 on a validation split held out of the training data: "
                              "--val-size must be ≥ 1")
+        report = ReportSettings(args.report_top, args.report_seeds, args.poll_interval) if args.report else None
         candidates = [c.strip() for c in args.candidates.split(",") if c.strip()]
         space = SearchSpace(args.num_nodes, args.target_model, tuple(candidates), args.dataset,
                             args.pretrained_dir, args.temperature)
@@ -105,10 +121,15 @@ def _search(args: argparse.Namespace, worker) -> int:
         study_name = args.study_name or f"ktg-{args.dataset}-{args.num_nodes}nodes"
         storage = open_storage(args.storage, output / "study.journal", heartbeat_interval=args.heartbeat_interval,
                                grace_period=args.grace_period)
+        if report is not None and study_name not in optuna.study.get_all_study_names(storage):
+            raise ValueError(f"--report: the storage holds no study {study_name!r}; run the search first "
+                             "(or give its --storage and --study-name)")
         study = open_study(storage, study_name,
                            search_settings(space, cfg, min_resource=args.min_resource,
                                            reduction_factor=args.reduction_factor),
                            sampler=sampler, pruner=pruner)
+        if report is None and args.baselines:
+            enqueue_baselines(study, space)
     except (ValueError, TypeError, StorageError, FileNotFoundError) as e:
         return fail(e)
 
@@ -117,14 +138,40 @@ def _search(args: argparse.Namespace, worker) -> int:
     log_file.parent.mkdir(parents=True, exist_ok=True)
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=args.n_trials, desc=f"search {study_name}", unit="trial", dynamic_ncols=True,
-               disable=not (cfg.progress_bar and worker.is_main))
-
     def say(message: str) -> None:
         with open(log_file, "a") as f:
             f.write(message + "\n")
         if worker.is_main:
             tqdm.write(message, file=sys.stdout)
+
+    def load_data(val_size: int):
+        from timm_dcl.data import build_data
+
+        try:
+            return build_data(cfg.dataset, data_dir=cfg.data_dir, train_subset=cfg.train_subset,
+                              eval_subset=cfg.eval_subset, val_size=val_size, seed=cfg.seed,
+                              num_workers=cfg.workers)
+        except (ValueError, FileNotFoundError, OSError, RuntimeError, KeyError) as e:  # DatasetUnavailableError…
+            raise _DataError(f"--dataset {cfg.dataset}: {e}") from None
+
+    if report is not None:
+        try:
+            result = run_report(study, space, cfg, output, report, load_data=lambda: load_data(0),
+                                baselines=args.baselines, say=say, write=worker.is_main)
+        except (_DataError, ValueError, FileNotFoundError) as e:
+            return fail(e)
+        except KeyboardInterrupt:
+            say(f"worker {worker.name}: interrupted; run the same command again to finish the report")
+            return 130
+        if worker.is_main:
+            print(f"report: trained {result['trained']} run(s) here; " + (
+                "every run was already done" if not result["trained"] else "the rest were done"))
+            print((output / "report.md").read_text())
+            print(f"outputs in {output}: report.md, report.json, report.png, report/ (the runs)")
+        return 0
+
+    bar = tqdm(total=args.n_trials, desc=f"search {study_name}", unit="trial", dynamic_ncols=True,
+               disable=not (cfg.progress_bar and worker.is_main))
 
     def progress(finished: int, total: int) -> None:
         if bar.n != finished:
@@ -135,14 +182,9 @@ def _search(args: argparse.Namespace, worker) -> int:
                                                              "sampler", "reduction_factor", "min_resource"))
     say(f"worker {worker.name}: study {study_name!r} ({settings}), {args.n_trials} trials in total")
     try:
-        from timm_dcl.data import build_data
-
-        data = build_data(cfg.dataset, data_dir=cfg.data_dir, train_subset=cfg.train_subset,
-                          eval_subset=cfg.eval_subset, val_size=cfg.val_size, seed=cfg.seed,
-                          num_workers=cfg.workers)
-    except (ValueError, FileNotFoundError) as e:
-        return fail(e)
-    except RuntimeError as e:  # DatasetUnavailableError and friends
+        data = load_data(cfg.val_size)
+    except _DataError as e:
+        bar.close()
         return fail(e)
 
     start = time.perf_counter()
@@ -160,9 +202,9 @@ def _search(args: argparse.Namespace, worker) -> int:
     finally:
         bar.close()
     if worker.is_main:
-        summary = write_report(study, space, output, min_resource=args.min_resource,
-                               reduction_factor=args.reduction_factor, epochs=cfg.epochs, n_trials=args.n_trials,
-                               top_k=args.top_k)
+        summary = write_summary(study, space, output, min_resource=args.min_resource,
+                                reduction_factor=args.reduction_factor, epochs=cfg.epochs, n_trials=args.n_trials,
+                                top_k=args.top_k)
         print(summary)
         print(f"outputs in {output}: best_graph.json, trials.csv, asha.png, top_graphs/, search_summary.json")
     return code

@@ -21,13 +21,12 @@ import train_dcl
 from timm_dcl.config import TrainConfig
 from timm_dcl.graph import Graph
 from timm_dcl.search import (InvalidGraph, JournalHeartbeatStorage, SearchSpace, SearchWorker, StorageError,
-                             isolate_worker, make_pruner, make_sampler, open_storage, open_study,
+                             fail_stale, isolate_worker, make_pruner, make_sampler, open_storage, open_study,
                              retarget_pretrained, rung_epochs)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # the tests below ask for trials by hand, outside Study.optimize
 pytestmark = pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning")
-SURPLUS = "timm_dcl:surplus"
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
@@ -199,11 +198,10 @@ def test_stale_trials_of_the_journal_are_failed(tmp_path):
     storage = open_storage(None, tmp_path / "s.journal", heartbeat_interval=1, grace_period=1)
     study = open_study(storage, "s", {})
     dead, alive = study.ask(), study.ask()
-    storage.record_heartbeat(dead._trial_id)
+    storage.record_beat(dead._trial_id)
     time.sleep(1.6)
-    storage.record_heartbeat(alive._trial_id)
-    with pytest.warns(optuna.exceptions.ExperimentalWarning):
-        optuna.storages.fail_stale_trials(study)
+    storage.record_beat(alive._trial_id)
+    assert fail_stale(study, storage) == [dead.number]
     states = {t.number: t.state for t in study.get_trials()}
     assert states == {dead.number: TrialState.FAIL, alive.number: TrialState.RUNNING}
 
@@ -211,7 +209,7 @@ def test_stale_trials_of_the_journal_are_failed(tmp_path):
 def test_racing_workers_finish_exactly_n_trials(tmp_path, monkeypatch):
     """Three workers (threads, each with its own storage handle, as processes have) and a stand-in
     for the trainer that takes a few milliseconds: the study still ends at exactly 10 trials."""
-    def fake_train(self, trial, graph, reported):
+    def fake_train(self, trial, graph):
         for epoch in (1, 2):
             time.sleep(0.003 * (trial.number % 4))
             trial.report(float(trial.number % 7), epoch)
@@ -247,13 +245,13 @@ def test_racing_workers_finish_exactly_n_trials(tmp_path, monkeypatch):
     # whatever is neither finished nor a surplus reservation was an invalid sample (rejected)
     for t in trials:
         if t.state == TrialState.FAIL:
-            assert t.system_attrs.get(SURPLUS) or "invalid" in t.user_attrs
+            assert t.user_attrs.get("surplus") or "invalid" in t.user_attrs
     assert sum(runs) == 10  # every trial a worker trained counted
     assert any(t.state == TrialState.PRUNED for t in trials)  # ASHA ran: the worst at epoch 1 were stopped
 
 
 def test_a_graph_that_cannot_train_fails_alone_but_a_bug_stops_the_worker(tmp_path, monkeypatch):
-    def fake_train(self, trial, graph, reported):
+    def fake_train(self, trial, graph):
         if trial.number % 3 == 1:
             raise FloatingPointError("epoch 1: the training loss is not finite")
         trial.report(50.0, 1)
@@ -272,7 +270,7 @@ def test_a_graph_that_cannot_train_fails_alone_but_a_bug_stops_the_worker(tmp_pa
                             for t in diverged)
     assert any("failed: FloatingPointError" in line for line in lines)
 
-    def buggy_train(self, trial, graph, reported):
+    def buggy_train(self, trial, graph):
         raise KeyError("a bug")
 
     monkeypatch.setattr(SearchWorker, "_train", buggy_train)
@@ -346,10 +344,14 @@ def test_tiny_search_writes_every_output(tiny_search, capsys):
     for name in ("best_graph.json", "trials.csv", "asha.png", "search_summary.json", "study.journal"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     rows = read_csv(out / "trials.csv")
+    # the study began with the baselines of this space, in canonical form
+    assert [(r["role"], r["gates"]) for r in rows[:2]] == [
+        ("independent", "through,cutoff,cutoff;cutoff,through,cutoff;cutoff,cutoff,through"),
+        ("dml", "through,through,through;through,through,through;through,through,through")]
     done = [r for r in rows if r["state"] in ("COMPLETE", "PRUNED")]
     assert len(done) == 4
     for r in done:
-        assert r["model_0"] == "resnet20" and r["model_1"] == r["model_2"] == "resnet20"
+        assert r["models"] == "resnet20,resnet20,resnet20"
         # pruned at the one rung (epoch 1) below the budget; a trial that reaches epoch 2 completes
         assert int(r["epochs"]) == (2 if r["state"] == "COMPLETE" else 1)
         assert 0.0 <= float(r["value"]) <= 100.0
