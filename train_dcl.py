@@ -2,6 +2,7 @@
 """Train a Knowledge Transfer Graph.
 
     accelerate launch train_dcl.py --node-models resnet32,wrn28_2 --dataset cifar10 --data-dir ../shared/data/cifar10
+    accelerate launch train_dcl.py --config run.yaml --lr 0.05
 
 Every node is any timm model; gates default to deep mutual learning (--preset dml).
 """
@@ -12,47 +13,79 @@ import json
 import sys
 from pathlib import Path
 
+PROG = "train_dcl.py"
+
 
 def build_parser() -> argparse.ArgumentParser:
-    from timm_dcl.config import HelpFormatter, add_data_args, add_graph_args, add_train_args
+    from timm_dcl.cli import HelpFormatter, add_config_arg, add_data_args, add_graph_args, add_train_args
+    from timm_dcl.config import RESUME_SCHEDULES, TRACKERS
 
     parser = argparse.ArgumentParser(
-        description="Train a Knowledge Transfer Graph (deep collaborative learning) of timm models.",
+        prog=PROG, description="Train a Knowledge Transfer Graph (deep collaborative learning) of timm models.",
         formatter_class=HelpFormatter)
+    add_config_arg(parser)
     add_graph_args(parser)
     add_data_args(parser)
     add_train_args(parser)
     g = parser.add_argument_group("output")
     g.add_argument("--output", default=None, metavar="DIR",
-                   help="run directory (default: output/train/<models>-<preset>)")
+                   help="run directory (default: output/train/<models>)")
     g.add_argument("--resume", default=None, metavar="DIR",
                    help="continue the run in DIR up to --epochs (its graph.json is used when no graph is given)")
+    g.add_argument("--resume-schedule", default="replan", choices=RESUME_SCHEDULES,
+                   help="when a resume changes --epochs: re-plan the lr schedule and the linear gates over the "
+                        "new length, or keep the original plan (extra epochs run at its final lr)")
     g.add_argument("--pretrained-dir", default=None, metavar="DIR",
                    help="graph transfer: take every frozen node's weights from DIR/<dataset>/<model>.pth "
                         "(the layout search_dcl.py uses)")
+    g.add_argument("--log-with", default=None, choices=TRACKERS,
+                   help="log accuracy, loss and lr per node per epoch through Accelerate's trackers "
+                        "(into --output; the tracker's package must be installed)")
     return parser
 
 
-def _resume_defaults(parser: argparse.ArgumentParser, argv: list[str] | None) -> None:
-    """A resumed run keeps its own settings (data, recipe, seed) unless a flag overrides them."""
-    args, _ = parser.parse_known_args(argv)
-    if not args.resume:
-        return
-    saved = Path(args.resume) / "config.json"
-    if saved.is_file():
+def _saved_config(run: Path) -> dict:
+    """A run's own settings: config.yaml (flag names), else config.json of older runs."""
+    if (run / "config.yaml").is_file():
+        import yaml
+        return yaml.safe_load((run / "config.yaml").read_text()) or {}
+    if (run / "config.json").is_file():
+        return json.loads((run / "config.json").read_text())
+    return {}
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
+    """Flags over --config over a resumed run's own settings over the defaults."""
+    from timm_dcl.cli import GRAPH_DESTS, apply_config_file
+
+    parser = build_parser()
+    early, _ = parser.parse_known_args(argv)
+    if early.resume:
+        # A resumed run keeps its data, recipe and seed unless a flag overrides them; its graph
+        # comes from its graph.json, not from the flags it was started with.
         known = {a.dest for a in parser._actions}
-        values = json.loads(saved.read_text())
-        parser.set_defaults(**{k: v for k, v in values.items() if k in known and k not in ("resume", "output")})
+        saved = _saved_config(Path(early.resume))
+        parser.set_defaults(**{k: v for k, v in saved.items()
+                               if k in known and k not in ("resume", "output", "config", *GRAPH_DESTS)})
+    if early.config:
+        apply_config_file(parser, early.config)
+    return parser.parse_args(argv), parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    _resume_defaults(parser, argv)
-    args = parser.parse_args(argv)
-    from timm_dcl.config import TrainConfig, graph_from_args
+    from timm_dcl.cli import CliError, config_to_yaml, fail, graph_from_args
+
+    try:
+        args, parser = parse_args(argv)
+    except CliError as e:
+        return fail(PROG, e)
+    from timm_dcl.config import TrainConfig
+    from timm_dcl.data import DatasetUnavailableError
     from timm_dcl.graph import Graph
     from timm_dcl.trainer import train_graph
 
+    # Bad input of any kind (flags, files, data, weights, trackers) is one line and exit 2.
+    bad_input = (CliError, ValueError, TypeError, FileNotFoundError, KeyError, DatasetUnavailableError, ImportError)
     try:
         if args.resume and not (args.graph or args.node_models):
             graph_file = Path(args.resume) / "graph.json"
@@ -65,17 +98,14 @@ def main(argv: list[str] | None = None) -> int:
             from timm_dcl.pretrained import retarget_pretrained
             graph = retarget_pretrained(graph, args.pretrained_dir, args.dataset)
         if args.output is None and args.resume is None:
-            name = "-".join(n.model for n in graph.nodes)
-            args.output = str(Path("output") / "train" / name)
-        cfg = TrainConfig.from_args(args)
-    except (ValueError, TypeError, FileNotFoundError, KeyError) as e:
-        print(f"train_dcl.py: error: {e}", file=sys.stderr)
-        return 2
+            args.output = str(Path("output") / "train" / "-".join(n.model for n in graph.nodes))
+        cfg = TrainConfig.from_args(args, extra={"cli_yaml": config_to_yaml(args, parser)})
+    except bad_input as e:
+        return fail(PROG, e)
     try:
         train_graph(graph, cfg)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"train_dcl.py: error: {e}", file=sys.stderr)
-        return 2
+    except bad_input as e:
+        return fail(PROG, e)
     return 0
 
 

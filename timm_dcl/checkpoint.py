@@ -65,21 +65,34 @@ def _extract_state_dict(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], 
 
 
 def load_node_weights(path: str | os.PathLike, model: nn.Module, *, model_name: str, num_classes: int,
-                      where: str = "node") -> dict[str, Any]:
-    """Load weights into ``model``, with an error that says what does not fit."""
+                      where: str = "node", new_head_ok: bool = False,
+                      head_keys: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Load weights into ``model``, with an error that says what does not fit.
+
+    ``new_head_ok`` (a warm start): weights trained for another class count load all but the
+    classifier (``head_keys``), which keeps its fresh initialisation; the returned metadata
+    then has ``_head_reset=True``.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{where}: checkpoint {path} does not exist")
     obj = torch.load(path, map_location="cpu", weights_only=True)
     state, meta = _extract_state_dict(obj, path)
     state = {k.removeprefix("module."): v for k, v in state.items()}
+    own = model.state_dict()
+    head_reset = False
+    if new_head_ok and head_keys and any(k in state and k in own and state[k].shape != own[k].shape
+                                         for k in head_keys):
+        state = {k: v for k, v in state.items() if k not in head_keys}
+        state.update({k: own[k] for k in head_keys if k in own})
+        head_reset = True
     if meta:
+        meta = dict(meta)
         if meta.get("model") != model_name:
             raise ValueError(f"{where}: checkpoint {path} holds a {meta.get('model')!r}, not a {model_name!r}")
-        if meta.get("num_classes") != num_classes:
+        if meta.get("num_classes") != num_classes and not head_reset:
             raise ValueError(f"{where}: checkpoint {path} was trained for {meta.get('num_classes')} classes, "
                              f"but this data set has {num_classes}")
-    own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
@@ -93,6 +106,8 @@ def load_node_weights(path: str | os.PathLike, model: nn.Module, *, model_name: 
                          f"{k} has shape {theirs} in the checkpoint, {ours} in the model "
                          f"({len(bad)} tensors differ)")
     model.load_state_dict(state)
+    meta = dict(meta)
+    meta["_head_reset"] = head_reset
     return meta
 
 

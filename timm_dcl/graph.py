@@ -4,15 +4,22 @@
 the edge from the ground-truth label (SPEC §1). Node 0 is the target and is always trained.
 
 Frozen nodes (SPEC §3): a node whose gate row is all cutoff learns nothing, so it must be a
-pre-trained teacher loaded from a checkpoint. ``Graph`` therefore *infers* ``frozen=True``
-for every node other than 0 that has a checkpoint and an all-cutoff row, and rejects a
-frozen node without a checkpoint or with any non-cutoff incoming gate. A trainable node may
-also have a checkpoint: it then starts from those weights (a warm start).
+pre-trained teacher loaded from weights. ``Graph`` therefore *infers* ``frozen=True`` for every
+node other than 0 that has weights of its own (a checkpoint or a pretrained file) and an
+all-cutoff row, and rejects a frozen node without weights or with any non-cutoff incoming
+gate. A trainable node may also have a checkpoint: it then starts from those weights (a warm
+start), as it does from timm's pretrained weights (``pretrained``/``pretrained_file``).
 
-JSON form (``to_dict``/``save``)::
+A node may override the run's recipe for itself (``lr``, ``opt``, ``weight_decay``): a
+pretrained teacher and a scratch student rarely share a learning rate.
+
+JSON form (``to_dict``/``save``; the optional node keys appear only when set, and files
+without them load unchanged)::
 
     {"version": 1, "temperature": 1.0,
-     "nodes": [{"model": "resnet32", "model_kwargs": {}, "checkpoint": null, "frozen": false}, ...],
+     "nodes": [{"model": "resnet32", "model_kwargs": {}, "checkpoint": null, "frozen": false,
+                "pretrained": false, "pretrained_file": null, "lr": null, "opt": null,
+                "weight_decay": null}, ...],
      "gates": [["through", "cutoff"], ["cutoff", "cutoff"]]}
 """
 from __future__ import annotations
@@ -36,6 +43,8 @@ PRESETS = ("independent", "dml", "kd")
 _THROUGH = GATE_NAMES[Gate.THROUGH]
 _CUTOFF = GATE_NAMES[Gate.CUTOFF]
 _NODE_KEYS = ("model", "model_kwargs", "checkpoint", "frozen")
+# optional per-node keys: weights and recipe overrides, written only when set
+_OPTIONAL_NODE_KEYS = ("pretrained", "pretrained_file", "lr", "opt", "weight_decay")
 _GRAPH_KEYS = ("version", "temperature", "nodes", "gates")
 # the trainer sets these for every node (one class count for all, no hub weights)
 _RESERVED_KWARGS = ("num_classes", "pretrained")
@@ -43,12 +52,31 @@ _RESERVED_KWARGS = ("num_classes", "pretrained")
 
 @dataclass
 class Node:
-    """One network of the graph: a timm model name, its kwargs, an optional checkpoint."""
+    """One network of the graph: a timm model name, its kwargs, where its weights come from
+    and the recipe fields it overrides (None: the run's value)."""
 
     model: str
     model_kwargs: dict = field(default_factory=dict)
     checkpoint: Optional[str] = None
     frozen: bool = False
+    pretrained: bool = False                 # timm's pretrained weights for the model name (and tag)
+    pretrained_file: Optional[str] = None    # a local timm weight file instead of the hub's
+    lr: Optional[float] = None
+    opt: Optional[str] = None
+    weight_decay: Optional[float] = None
+
+    @property
+    def has_weights(self) -> bool:
+        """Weights of its own: a checkpoint or pretrained weights (a frozen node needs one)."""
+        return self.checkpoint is not None or self.pretrained or self.pretrained_file is not None
+
+    @property
+    def weights_source(self) -> str:
+        if self.checkpoint is not None:
+            return self.checkpoint
+        if self.pretrained_file is not None:
+            return f"pretrained file {self.pretrained_file}"
+        return "timm pretrained" if self.pretrained else "-"
 
 
 @dataclass
@@ -92,16 +120,16 @@ class Graph:
         self.temperature = float(t)
         for i, node in enumerate(self.nodes):
             self._validate_node(i, node)
-            if i > 0 and node.checkpoint is not None and self._row_is_cutoff(i):
+            if i > 0 and node.has_weights and self._row_is_cutoff(i):
                 node.frozen = True
         for i, node in enumerate(self.nodes):
             where = f"nodes[{i}]"
             if node.frozen:
                 if i == 0:
                     raise ValueError(f"{where}.frozen: node 0 is the target and can never be frozen")
-                if node.checkpoint is None:
+                if not node.has_weights:
                     raise ValueError(f"{where}.checkpoint: node {i} is frozen, so it needs a checkpoint "
-                                     "of a pre-trained run")
+                                     "of a pre-trained run or a pretrained file")
                 bad = [s for s, g in enumerate(self.gates[i]) if g != _CUTOFF]
                 if bad:
                     s = bad[0]
@@ -114,7 +142,8 @@ class Graph:
                                      "would learn nothing")
                 raise ValueError(
                     f"gates[{i}]: node {i} has an all-cutoff gate row, so it learns nothing: give it a "
-                    f"checkpoint (nodes[{i}].checkpoint) to use it as a frozen pre-trained teacher")
+                    f"checkpoint (nodes[{i}].checkpoint) or a pretrained file to use it as a frozen "
+                    "pre-trained teacher")
         return self
 
     @staticmethod
@@ -147,6 +176,29 @@ class Graph:
             raise ValueError(f"{where}.checkpoint: expected a non-empty path or None")
         if not isinstance(node.frozen, bool):
             raise TypeError(f"{where}.frozen: expected a bool, got {type(node.frozen).__name__}")
+        if not isinstance(node.pretrained, bool):
+            raise TypeError(f"{where}.pretrained: expected a bool, got {type(node.pretrained).__name__}")
+        if isinstance(node.pretrained_file, os.PathLike):
+            node.pretrained_file = os.fspath(node.pretrained_file)
+        if node.pretrained_file is not None and (not isinstance(node.pretrained_file, str)
+                                                 or not node.pretrained_file.strip()):
+            raise TypeError(f"{where}.pretrained_file: expected a non-empty path or None, "
+                            f"got {node.pretrained_file!r}")
+        if node.checkpoint is not None and (node.pretrained or node.pretrained_file is not None):
+            raise ValueError(f"{where}: give one source of weights, a checkpoint or pretrained weights, "
+                             "not both")
+        for name, low in (("lr", 0.0), ("weight_decay", 0.0)):
+            value = getattr(node, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{where}.{name}: expected a number, got {type(value).__name__}")
+            if not math.isfinite(value) or value < low or (name == "lr" and value == 0):
+                raise ValueError(f"{where}.{name}: must be finite and {'> 0' if name == 'lr' else '≥ 0'}, "
+                                 f"got {value!r}")
+            setattr(node, name, float(value))
+        if node.opt is not None and (not isinstance(node.opt, str) or not node.opt.strip()):
+            raise TypeError(f"{where}.opt: expected an optimiser name (e.g. 'sgd', 'adamw'), got {node.opt!r}")
 
     def check_models(self) -> "Graph":
         """Check that every node's model is a timm model (ours included). Returns ``self``."""
@@ -190,9 +242,11 @@ class Graph:
             *,
             checkpoints: Optional[Sequence[Optional[str]]] = None,
             temperature: Optional[float] = None,
+            nodes: Optional[Sequence[Node]] = None,
     ) -> "Graph":
         """A classic graph: ``independent`` (labels only), ``dml`` (all through, T=1) or
-        ``kd`` (node 1 a frozen teacher from its checkpoint, T=2)."""
+        ``kd`` (node 1 a frozen teacher from its checkpoint, T=2). ``nodes`` gives the nodes
+        whole (weights, recipe overrides) instead of ``models`` and ``checkpoints``."""
         key = name.strip().lower() if isinstance(name, str) else name
         if key not in PRESETS:
             hint = difflib.get_close_matches(str(name), PRESETS, n=1)
@@ -201,6 +255,10 @@ class Graph:
         models = _model_list(models)
         m = len(models)
         checkpoints = _checkpoint_list(checkpoints, m)
+        if nodes is None:
+            nodes = [Node(model, checkpoint=ckpt) for model, ckpt in zip(models, checkpoints)]
+        elif len(nodes) != m:
+            raise ValueError(f"nodes: got {len(nodes)} nodes for {m} models")
         if key == "independent":
             gates = [[_THROUGH if s == t else _CUTOFF for s in range(m)] for t in range(m)]
             default_t = 1.0
@@ -210,12 +268,11 @@ class Graph:
         else:
             if m != 2:
                 raise ValueError(f"preset 'kd' needs exactly 2 models (student, teacher), got {m}")
-            if checkpoints[1] is None:
-                raise ValueError("preset 'kd': node 1 (the frozen teacher) needs a checkpoint")
+            if not nodes[1].has_weights:
+                raise ValueError("preset 'kd': node 1 (the frozen teacher) needs a checkpoint or pretrained weights")
             gates = [[_THROUGH, _THROUGH], [_CUTOFF, _CUTOFF]]
             default_t = 2.0
-        nodes = [Node(model, checkpoint=ckpt) for model, ckpt in zip(models, checkpoints)]
-        return cls(nodes, gates, default_t if temperature is None else temperature)
+        return cls(list(nodes), gates, default_t if temperature is None else temperature)
 
     @classmethod
     def from_cli(
@@ -225,6 +282,7 @@ class Graph:
             preset: Optional[str] = None,
             checkpoints: Optional[Sequence[Optional[str]]] = None,
             temperature: Optional[float] = None,
+            nodes: Optional[Sequence[Node]] = None,
     ) -> "Graph":
         """The graph of command-line options: a gate string (``"through,cutoff;cutoff,cutoff"``)
         or a preset (default ``dml``). Checkpoint slots that are empty or ``none`` mean no
@@ -233,14 +291,16 @@ class Graph:
             raise ValueError("give either gates or a preset, not both")
         models = _model_list(models)
         if gates is None:
-            return cls.preset(preset or "dml", models, checkpoints=checkpoints, temperature=temperature)
+            return cls.preset(preset or "dml", models, checkpoints=checkpoints, temperature=temperature,
+                              nodes=nodes)
         if not isinstance(gates, str):
             raise TypeError(f"gates: expected a string like 'through,cutoff;cutoff,through', "
                             f"got {type(gates).__name__}")
         matrix = parse_gates(gates, len(models))
-        ckpts = _checkpoint_list(checkpoints, len(models))
-        nodes = [Node(model, checkpoint=ckpt) for model, ckpt in zip(models, ckpts)]
-        return cls(nodes, matrix, 1.0 if temperature is None else temperature)
+        if nodes is None:
+            ckpts = _checkpoint_list(checkpoints, len(models))
+            nodes = [Node(model, checkpoint=ckpt) for model, ckpt in zip(models, ckpts)]
+        return cls(list(nodes), matrix, 1.0 if temperature is None else temperature)
 
     # ------------------------------------------------------------------ JSON
 
@@ -254,6 +314,7 @@ class Graph:
                     "model_kwargs": copy.deepcopy(n.model_kwargs),
                     "checkpoint": n.checkpoint,
                     "frozen": n.frozen,
+                    **{k: getattr(n, k) for k in _OPTIONAL_NODE_KEYS if getattr(n, k) not in (None, False)},
                 }
                 for n in self.nodes
             ],
@@ -318,7 +379,7 @@ class Graph:
         lines.append(f"  {'node':<5} {'model':<{w}}  {'role':<9} checkpoint")
         for i, (n, name) in enumerate(zip(self.nodes, names)):
             role = "target" if i == 0 else ("frozen" if n.frozen else "trainable")
-            lines.append(f"  {i:<5} {name:<{w}}  {role:<9} {n.checkpoint or '-'}")
+            lines.append(f"  {i:<5} {name:<{w}}  {role:<9} {n.weights_source}")
         lines.append("  gates (row t = learner, column s = source, diagonal = label):")
         gw = max(len(g) for g in GATE_NAMES)
         lines.append("  " + " " * 5 + " ".join(f"{s:>{gw}}" for s in range(m)))
@@ -365,9 +426,10 @@ def _node_from_dict(i: int, raw: Any) -> Node:
         raw = {"model": raw}
     if not isinstance(raw, Mapping):
         raise TypeError(f"{where}: expected an object or a model name, got {type(raw).__name__}")
-    unknown = [k for k in raw if k not in _NODE_KEYS]
+    unknown = [k for k in raw if k not in _NODE_KEYS + _OPTIONAL_NODE_KEYS]
     if unknown:
-        raise ValueError(f"{where}.{unknown[0]}: unknown key; a node has {', '.join(_NODE_KEYS)}")
+        raise ValueError(f"{where}.{unknown[0]}: unknown key; a node has "
+                         f"{', '.join(_NODE_KEYS + _OPTIONAL_NODE_KEYS)}")
     if "model" not in raw:
         raise ValueError(f"{where}.model: missing")
     model = raw["model"]
@@ -384,4 +446,5 @@ def _node_from_dict(i: int, raw: Any) -> Node:
     frozen = raw.get("frozen", False)
     if not isinstance(frozen, bool):
         raise TypeError(f"{where}.frozen: expected true or false, got {type(frozen).__name__}")
-    return Node(model, dict(kwargs), checkpoint, frozen)
+    optional = {k: raw[k] for k in _OPTIONAL_NODE_KEYS if raw.get(k) is not None}
+    return Node(model, dict(kwargs), checkpoint, frozen, **optional)

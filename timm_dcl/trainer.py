@@ -1,14 +1,12 @@
 """Trains a Knowledge Transfer Graph with Accelerate: every node at once, one loss op.
 
-Data flows one way: config → graph → trainer → ``KTGLoss``. Each trainable node has its
-own SGD optimiser; one backward pass of ``Σ_t L_t`` gives every node exactly its own
-gradient, because the loss detaches every edge's source (SPEC §2).
+Data flows one way: config → graph → trainer → ``KTGLoss``. One backward pass of ``Σ_t L_t``
+gives every node exactly its own gradient, because the loss detaches every edge's source
+(SPEC §2); one step of :class:`~timm_dcl.recipe.NodeOptimizers` then updates every trainable
+node, each with its own timm optimiser, under one lr schedule.
 """
 from __future__ import annotations
 
-import csv
-import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,11 +15,16 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .checkpoint import atomic_save, load_node_weights, node_weights_name, rng_state, save_node_weights, set_rng_state
+from .checkpoint import atomic_save, node_weights_name, rng_state, save_node_weights, set_rng_state
 from .config import TrainConfig
 from .gates import Gate
 from .graph import Graph
+from .nodes import (check_models_run, create_node_model, pretrained_stats, resolve_eval_crop,
+                    resolve_input_size)
 from .ops import KTGLoss
+from .recipe import GateClock, NodeOptimizers, build_node_optimizer, build_scheduler, check_optimizer_names
+from .recipe import lr_at_epoch  # noqa: F401  (part of this module's API since the first release)
+from . import run_files
 
 __all__ = ["train_graph", "GraphTrainer", "TrainResult", "lr_at_epoch"]
 
@@ -41,22 +44,8 @@ class TrainResult:
         return self.history[-1]["top1"][0] if self.history else float("nan")
 
 
-def lr_at_epoch(cfg: TrainConfig, epoch: int) -> float:
-    """Learning rate of 0-based ``epoch``: a closed form, so a resume to more epochs needs no state."""
-    if cfg.sched == "cosine":
-        return 0.5 * cfg.lr * (1.0 + math.cos(math.pi * epoch / cfg.epochs))
-    return cfg.lr * cfg.decay_rate ** sum(1 for m in cfg.milestones if m <= epoch)
-
-
-def _pretrained_stats(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    return tuple(cfg.get("mean", IMAGENET_DEFAULT_MEAN)), tuple(cfg.get("std", IMAGENET_DEFAULT_STD))
-
-
 class _Node:
-    """One node at run time: its module, how it sees the input, and its optimiser."""
+    """One node at run time: its module, how it sees the input, and its optimiser's index."""
 
     def __init__(self, index: int, spec, model: nn.Module, frozen: bool):
         self.index = index
@@ -64,8 +53,8 @@ class _Node:
         self.raw = model          # unwrapped: state_dict, evaluation
         self.train_model = model  # DDP-wrapped and/or compiled for training
         self.frozen = frozen
-        self.optimizer = None
-        self.norm_key = _pretrained_stats(model)
+        self.opt_index: Optional[int] = None  # its optimiser inside NodeOptimizers
+        self.norm_key = pretrained_stats(model)
 
     @property
     def label(self) -> str:
@@ -82,48 +71,49 @@ class GraphTrainer:
         self.cfg = cfg
         self.output = Path(cfg.output) if cfg.output else (Path(cfg.resume) if cfg.resume else None)
         resume_state = self._read_resume_state() if cfg.resume else None
+        # Everything that can be checked without the data is checked before it is loaded.
         graph.check_models()
         self._check_rows()
+        check_optimizer_names(graph, cfg)
+        self.input_size = tuple(data.input_size) if data is not None else resolve_input_size(cfg, graph)
+        check_models_run(graph, self.input_size)
 
         if accelerator is None:
             from accelerate import Accelerator
             accelerator = Accelerator(mixed_precision=cfg.mixed_precision, **self._tracker_kwargs())
         self.accelerator = acc = accelerator
         if acc.device.type == "cuda":
-            # CIFAR shapes never change within a run: let cuDNN pick its fastest algorithms.
+            # Shapes never change within a run: let cuDNN pick its fastest algorithms.
             torch.backends.cudnn.benchmark = True
         from accelerate.utils import set_seed
-        set_seed(cfg.seed)
+        set_seed(cfg.seed)  # the same initial weights on every rank
 
         if data is None:
-            from .data import build_data
-            with acc.main_process_first():
-                data = build_data(cfg.dataset, data_dir=cfg.data_dir, train_subset=cfg.train_subset,
-                                  eval_subset=cfg.eval_subset, val_size=cfg.val_size, seed=cfg.seed,
-                                  num_workers=cfg.workers)
+            data = self._load_data()
         self.data = data
         self.channels_last = (cfg.channels_last if cfg.channels_last is not None
                               else acc.device.type == "cpu" or acc.mixed_precision in ("fp16", "bf16"))
         self.num_classes = data.num_classes
+        self.eval_name = "val" if cfg.eval_split == "val" else "eval"
         self.eval_data = data.val if cfg.eval_split == "val" else data.eval
         if self.eval_data is None:
             raise ValueError("evaluation on the validation split needs --val-size ≥ 1")
 
         self.nodes = [self._build_node(i, spec) for i, spec in enumerate(graph.nodes)]
         self.loss_fn = KTGLoss(graph.gates, graph.temperature)
-        self._prepare()
-
-        from .data import BatchLoader
-        # On a GPU the decoded uint8 split lives on the device: batches are sliced there.
         on_gpu = acc.device.type != "cpu"
-        self.train_loader = BatchLoader(data.train, batch_size=cfg.batch_size, shuffle=True, drop_last=False,
-                                        seed=cfg.seed, num_shards=acc.num_processes,
-                                        shard_index=acc.process_index, device=acc.device if on_gpu else None)
-        self._eval_tensors = (self.eval_data.images.to(acc.device), self.eval_data.labels.to(acc.device))
+        self.train_loader = data.train_loader(cfg.batch_size, seed=cfg.seed, num_shards=acc.num_processes,
+                                              shard_index=acc.process_index, device=acc.device if on_gpu else None,
+                                              workers=cfg.workers)
+        self._eval_loaders: dict = {}
         if len(self.train_loader) == 0:
             raise ValueError(f"the training split ({len(data.train)} images) gives no batch of "
                              f"{cfg.batch_size} on each of {acc.num_processes} processes")
-        self.total_iterations = cfg.epochs * len(self.train_loader)
+        self.planned_epochs = cfg.epochs
+        self.clock = GateClock(end_iteration=cfg.epochs * len(self.train_loader))
+        self._prepare()
+        # Dropout, drop-path and augmentation differ between ranks: seed + rank (set_seed adds it).
+        set_seed(cfg.seed, device_specific=True)
         self.epoch = 0
         self.iteration = 0
         self.history: list[dict] = []
@@ -131,15 +121,28 @@ class GraphTrainer:
         if resume_state is not None:
             self._load_state(resume_state)
 
+    @property
+    def total_iterations(self) -> int:
+        return self.clock.end_iteration
+
     # ----------------------------------------------------------------------------- setup
     def _tracker_kwargs(self) -> dict:
-        if self.output is None:
+        if self.output is None or self.cfg.log_with is None:
             return {}
-        try:
-            import tensorboard  # noqa: F401
-        except ImportError:
-            return {}
-        return {"log_with": "tensorboard", "project_dir": str(self.output)}
+        return {"log_with": self.cfg.log_with, "project_dir": str(self.output)}
+
+    def _load_data(self):
+        from .data import build_data
+
+        cfg, acc = self.cfg, self.accelerator
+        crop_pct, interpolation = resolve_eval_crop(cfg, self.graph)
+        with acc.main_process_first():
+            return build_data(cfg.dataset, data_dir=cfg.data_dir, train_subset=cfg.train_subset,
+                              eval_subset=cfg.eval_subset, val_size=cfg.val_size, seed=cfg.seed,
+                              num_workers=cfg.workers, in_memory=cfg.in_memory, input_size=self.input_size,
+                              crop_pct=crop_pct, interpolation=interpolation, train_split=cfg.train_split,
+                              val_split=cfg.val_split, image_column=cfg.image_column,
+                              label_column=cfg.label_column)
 
     def _check_rows(self) -> None:
         m = self.graph.num_nodes
@@ -152,17 +155,9 @@ class GraphTrainer:
                     "give it a checkpoint (a frozen pre-trained node) or open one of its gates")
 
     def _build_node(self, index: int, spec) -> _Node:
-        import timm
-
-        where = f"node {index} ({spec.model})"
-        try:
-            model = timm.create_model(spec.model, pretrained=False, num_classes=self.num_classes,
-                                      **spec.model_kwargs)
-        except TypeError as e:
-            raise ValueError(f"{where}: bad model keyword arguments {spec.model_kwargs}: {e}") from None
+        model = create_node_model(spec, index, num_classes=self.num_classes, input_size=self.input_size,
+                                  log=self.accelerator.print)
         if spec.frozen:
-            load_node_weights(spec.checkpoint, model, model_name=spec.model, num_classes=self.num_classes,
-                              where=where)
             model.eval().requires_grad_(False)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -171,18 +166,20 @@ class GraphTrainer:
     def _prepare(self) -> None:
         acc, cfg = self.accelerator, self.cfg
         trainable = [n for n in self.nodes if not n.frozen]
-        for n in trainable:
-            n.optimizer = torch.optim.SGD(n.raw.parameters(), lr=lr_at_epoch(cfg, 0), momentum=cfg.momentum,
-                                          nesterov=cfg.nesterov and cfg.momentum > 0,
-                                          weight_decay=cfg.weight_decay)
+        for i, n in enumerate(trainable):
+            n.opt_index = i
+        self.node_optimizers = NodeOptimizers([build_node_optimizer(n.raw, n.spec, cfg) for n in trainable],
+                                              names=[str(n.index) for n in trainable])
         # Frozen teachers are never wrapped in DDP: they have no gradients to synchronise.
-        prepared = acc.prepare(*[n.raw for n in trainable], *[n.optimizer for n in trainable])
+        prepared = acc.prepare(*[n.raw for n in trainable], self.node_optimizers)
         if not isinstance(prepared, tuple):
             prepared = (prepared,)
-        k = len(trainable)
-        for n, model, opt in zip(trainable, prepared[:k], prepared[k:]):
-            n.train_model, n.optimizer = model, opt
+        for n, model in zip(trainable, prepared[:len(trainable)]):
+            n.train_model = model
             n.raw = acc.unwrap_model(model)
+        self.optimizer = prepared[-1]
+        self.scheduler = build_scheduler(self.node_optimizers, cfg, epochs=self.planned_epochs,
+                                         updates_per_epoch=len(self.train_loader))
         for n in self.nodes:
             if n.frozen:
                 n.raw.to(acc.device)
@@ -195,6 +192,11 @@ class GraphTrainer:
             mean, std = key
             self._norms[key] = (torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255.0,
                                 torch.tensor(std, device=device).view(1, -1, 1, 1) * 255.0)
+
+    def node_lrs(self) -> list[float]:
+        """Each node's learning rate as its optimiser holds it now (0 for frozen nodes)."""
+        return [0.0 if n.frozen else float(self.node_optimizers.groups_of(n.opt_index)[0]["lr"])
+                for n in self.nodes]
 
     # ------------------------------------------------------------------------- one step
     def _inputs(self, images_uint8: torch.Tensor) -> dict:
@@ -221,19 +223,26 @@ class GraphTrainer:
             logits = [z.float() for z in logits]
         return logits
 
+    def _clip_gradients(self) -> None:
+        from timm.utils import dispatch_clip_grad
+
+        # Unscale once (fp16), then clip every node on its own: the nodes are separate networks.
+        self.accelerator.unscale_gradients()
+        for n in self.nodes:
+            if not n.frozen:
+                dispatch_clip_grad(n.raw.parameters(), self.cfg.clip_grad, mode=self.cfg.clip_mode)
+
     def _train_epoch(self, epoch: int) -> list[float]:
         from tqdm.auto import tqdm
 
-        from .data import augment_batch
-
         acc, cfg = self.accelerator, self.cfg
-        lr = lr_at_epoch(cfg, epoch)
         for n in self.nodes:
             if not n.frozen:
                 n.train_model.train()
-                for group in n.optimizer.param_groups:
-                    group["lr"] = lr
         self.train_loader.set_epoch(epoch)
+        self.scheduler.step(epoch)
+        if cfg.sched_on_updates:
+            self.scheduler.step_update(self.iteration)
         # Augmentation randomness depends only on (seed, epoch, rank): a resume replays it exactly.
         gen = torch.Generator(device=acc.device)
         gen.manual_seed(cfg.seed * 1_000_003 + epoch * 7919 + acc.process_index)
@@ -243,16 +252,18 @@ class GraphTrainer:
         for step, (images, labels) in enumerate(bar):
             images = images.to(acc.device, non_blocking=True)
             labels = labels.to(acc.device, non_blocking=True)
-            images = augment_batch(images, generator=gen)
+            images = self.train_loader.augment(images, gen)
             self.iteration += 1
             with acc.autocast():
                 logits = self._forward(self._inputs(images), train=True)
-                losses = self.loss_fn(logits, labels, progress=self.iteration / self.total_iterations)
+                losses = self.loss_fn(logits, labels, progress=self.clock.progress(self.iteration))
             acc.backward(losses.sum())
-            for n in self.nodes:
-                if not n.frozen:
-                    n.optimizer.step()
-                    n.optimizer.zero_grad(set_to_none=True)
+            if cfg.clip_grad is not None:
+                self._clip_gradients()
+            self.optimizer.step()  # every node at once: one GradScaler update per iteration
+            self.optimizer.zero_grad(set_to_none=True)
+            if cfg.sched_on_updates:
+                self.scheduler.step_update(self.iteration)
             loss_sum += losses.detach().double()
             if step % 25 == 0 and not bar.disable:
                 bar.set_postfix_str(" ".join(f"{v:.3f}" for v in (loss_sum / (step + 1)).tolist()))
@@ -280,21 +291,22 @@ class GraphTrainer:
                     buf.div_(acc.num_processes)
 
     @torch.no_grad()
-    def evaluate(self, split) -> tuple[list[float], float]:
-        """Top-1 (%) of every node and of the ensemble (mean of softmaxes) on ``split``."""
+    def evaluate(self, split: str = "eval") -> tuple[list[float], float]:
+        """Top-1 (%) of every node and of the ensemble (mean of softmaxes) on ``split``
+        (``"eval"``: the test/valid split, ``"val"``: the held-out validation split)."""
         acc = self.accelerator
         for n in self.nodes:
             n.raw.eval()
         m = len(self.nodes)
         correct = torch.zeros(m + 1, dtype=torch.float64, device=acc.device)
-        # Each process takes every world-th image, so the split is covered exactly once.
-        all_images, all_labels = (self._eval_tensors if split is self.eval_data
-                                  else (split.images.to(acc.device), split.labels.to(acc.device)))
-        idx = torch.arange(acc.process_index, len(split), acc.num_processes, device=acc.device)
-        batch = max(256, self.cfg.batch_size)
-        for start in range(0, len(idx), batch):
-            sel = idx[start:start + batch]
-            images, labels = all_images[sel], all_labels[sel]
+        count = torch.zeros((), dtype=torch.float64, device=acc.device)
+        if split not in self._eval_loaders:
+            self._eval_loaders[split] = self.data.eval_loader(
+                split, batch_size=max(256, self.cfg.batch_size), num_shards=acc.num_processes,
+                shard_index=acc.process_index, device=acc.device if acc.device.type != "cpu" else None,
+                workers=self.cfg.workers)
+        for images, labels in self._eval_loaders[split]:
+            images, labels = images.to(acc.device), labels.to(acc.device)
             with acc.autocast():
                 logits = self._forward(self._inputs(images), train=False)
             probs = torch.zeros(labels.shape[0], logits[0].shape[1], device=acc.device)
@@ -303,8 +315,9 @@ class GraphTrainer:
                 correct[i] += (z.argmax(dim=1) == labels).sum()
                 probs += z.softmax(dim=1)
             correct[m] += (probs.argmax(dim=1) == labels).sum()
-        correct = acc.reduce(correct, reduction="sum")
-        top1 = (correct * 100.0 / len(split)).tolist()
+            count += labels.shape[0]
+        correct, count = acc.reduce(correct, reduction="sum"), acc.reduce(count, reduction="sum")
+        top1 = (correct * 100.0 / count).tolist()
         return top1[:m], top1[m]
 
     # ------------------------------------------------------------------------- the loop
@@ -312,8 +325,9 @@ class GraphTrainer:
         acc, cfg = self.accelerator, self.cfg
         main = acc.is_main_process
         if self.output is not None and main:
-            self._write_run_files()
-        if acc.trackers == [] and "log_with" in self._tracker_kwargs():
+            run_files.write_run_files(self.output, self.graph, cfg)
+            run_files.rewrite_metrics(self.output, self.history, len(self.nodes))
+        if "log_with" in self._tracker_kwargs():
             acc.init_trackers("timm_dcl", config=_flat_config(cfg))
         if self.epoch >= cfg.epochs and main:
             acc.print(f"nothing to train: the run already reached epoch {self.epoch} of --epochs {cfg.epochs}")
@@ -321,14 +335,15 @@ class GraphTrainer:
             for epoch in range(self.epoch, cfg.epochs):
                 start = time.perf_counter()
                 train_loss = self._train_epoch(epoch)
+                lrs = self.node_lrs()  # as the optimisers held them during the epoch's last step
                 self._sync_buffers()
-                top1, ens = self.evaluate(self.eval_data)
+                top1, ens = self.evaluate(self.eval_name)
                 record = {
                     "epoch": epoch + 1,
                     "top1": top1,
                     "ensemble_top1": ens,
                     "train_loss": train_loss,
-                    "lr": [lr_at_epoch(cfg, epoch) if not n.frozen else 0.0 for n in self.nodes],
+                    "lr": lrs,
                     "time": round(time.perf_counter() - start, 3),
                     "split": cfg.eval_split,
                 }
@@ -336,14 +351,15 @@ class GraphTrainer:
                 if improved:
                     self.best_top1, self.best_epoch = top1[0], epoch + 1
                 self.history.append(record)
+                self._save_state("last")
                 if self.output is not None and main:
-                    self._save_state("last")
                     if improved and cfg.save_best:
                         self._save_state("best")
-                    self._append_metrics(record)
+                    run_files.append_metrics(self.output, record, self.history, [n.label for n in self.nodes])
                 if acc.trackers:
                     acc.log({f"top1/{i}": v for i, v in enumerate(top1)} | {"top1/ensemble": ens}
-                            | {f"loss/{i}": v for i, v in enumerate(train_loss)}, step=epoch + 1)
+                            | {f"loss/{i}": v for i, v in enumerate(train_loss)}
+                            | {f"lr/{i}": v for i, v in enumerate(lrs)}, step=epoch + 1)
                 if main:
                     acc.print(f"epoch {epoch + 1:>3}/{cfg.epochs}  " + "  ".join(
                         f"{n.index}:{t:6.2f}%" for n, t in zip(self.nodes, top1))
@@ -353,7 +369,8 @@ class GraphTrainer:
                     epoch_callback(record)
             if self.output is not None and main:
                 self._save_node_weights()
-                self._write_summary()
+                run_files.write_summary(self.output, self.history, self.nodes, epochs=self.epoch,
+                                        split=cfg.eval_split, printer=acc.print)
         finally:
             if acc.trackers:
                 acc.end_training()
@@ -361,59 +378,36 @@ class GraphTrainer:
         return TrainResult(history=list(self.history), best_top1=self.best_top1, best_epoch=self.best_epoch,
                            output=self.output)
 
-    # ----------------------------------------------------------------------- outputs
-    def _write_run_files(self) -> None:
-        from .draw import draw_graph
+    # ----------------------------------------------------------------------- checkpoints
+    def _rng_states(self):
+        """Every rank's RNG state, gathered (a resume restores each rank its own)."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return [rng_state()]
+        from accelerate.utils import gather_object
+        return gather_object([rng_state()])
 
-        self.output.mkdir(parents=True, exist_ok=True)
-        self.graph.save(self.output / "graph.json")
-        (self.output / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
-        for suffix in (".png", ".svg"):
-            draw_graph(self.graph, self.output / f"graph{suffix}")
-        # On resume the checkpoint's history is the truth: a line written after it is dropped.
-        self._rewrite_metrics()
-
-    def _rewrite_metrics(self) -> None:
-        path = self.output / "metrics.jsonl"
-        tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.history))
-        tmp.replace(path)
-        self._write_csv()
-
-    def _append_metrics(self, record: dict) -> None:
-        with open(self.output / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-        self._write_csv()
-        from .plots import plot_curves
-        plot_curves(self.history, [n.label for n in self.nodes], self.output / "curves.png")
-
-    def _write_csv(self) -> None:
-        m = len(self.nodes)
-        header = (["epoch"] + [f"top1_{i}" for i in range(m)] + ["ensemble_top1"]
-                  + [f"train_loss_{i}" for i in range(m)] + ["lr", "time"])
-        with open(self.output / "metrics.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(header)
-            for r in self.history:
-                w.writerow([r["epoch"], *r["top1"], r["ensemble_top1"], *r["train_loss"], max(r["lr"]), r["time"]])
-
-    def _state(self) -> dict:
+    def _state(self, rng) -> dict:
         return {
             "format": STATE_FORMAT,
             "epoch": self.epoch,
             "iteration": self.iteration,
             "graph": self.graph.to_dict(),
             "num_classes": self.num_classes,
+            "plan": {"epochs": self.planned_epochs, "iterations_per_epoch": len(self.train_loader),
+                     "clock": self.clock.to_dict()},
             "models": [None if n.frozen else n.raw.state_dict() for n in self.nodes],
-            "optimizers": [None if n.frozen else n.optimizer.state_dict() for n in self.nodes],
+            "optimizer": self.node_optimizers.state_dict(),
             "scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler is not None else None,
-            "rng": rng_state(),
+            "rng": rng,
             "best": {"top1": self.best_top1, "epoch": self.best_epoch},
             "history": self.history,
         }
 
     def _save_state(self, which: str) -> None:
-        atomic_save(self._state(), self.output / "checkpoints" / f"{which}.pth")
+        rng = self._rng_states()  # a collective: every rank takes part
+        if self.output is not None and self.accelerator.is_main_process:
+            atomic_save(self._state(rng), self.output / "checkpoints" / f"{which}.pth")
 
     def _read_resume_state(self) -> dict:
         path = Path(self.cfg.resume) / "checkpoints" / "last.pth"
@@ -428,22 +422,57 @@ class GraphTrainer:
             diff = [k for k in ours if ours.get(k) != theirs.get(k)]
             raise ValueError(f"--resume {self.cfg.resume} holds a different graph (differs in: {', '.join(diff)}); "
                              "resume with the same graph, or omit --node-models/--graph to reuse its graph.json")
+        if "optimizer" not in state or "plan" not in state:
+            raise ValueError(f"--resume {self.cfg.resume}: {path} was written by an older timm-dcl "
+                             "(one optimiser per node, no schedule plan); it cannot be resumed by this version")
         return state
 
     def _load_state(self, state: dict) -> None:
+        acc, cfg = self.accelerator, self.cfg
         if state["num_classes"] != self.num_classes:
             raise ValueError(f"--resume: the checkpoint has {state['num_classes']} classes, "
                              f"this data set {self.num_classes}")
-        for n, model_state, opt_state in zip(self.nodes, state["models"], state["optimizers"]):
+        plan = state["plan"]
+        if plan["iterations_per_epoch"] != len(self.train_loader):
+            raise ValueError(f"--resume: the run had {plan['iterations_per_epoch']} iterations per epoch, this one "
+                             f"{len(self.train_loader)}: resume with the same data, batch size and processes")
+        for n, model_state in zip(self.nodes, state["models"]):
             if not n.frozen:
                 n.raw.load_state_dict(model_state)
-                n.optimizer.load_state_dict(opt_state)
-        if state.get("scaler") is not None and self.accelerator.scaler is not None:
-            self.accelerator.scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
+        self.node_optimizers.load_state_dict(state["optimizer"])
+        if state.get("scaler") is not None and acc.scaler is not None:
+            acc.scaler.load_state_dict(state["scaler"])
         self.epoch, self.iteration = state["epoch"], state["iteration"]
         self.best_top1, self.best_epoch = state["best"]["top1"], state["best"]["epoch"]
         self.history = list(state["history"])
+        self.clock = GateClock(**plan["clock"])
+        self.planned_epochs = plan["epochs"]
+        if plan["epochs"] != cfg.epochs:
+            self._replan(plan["epochs"])
+        rng = state["rng"]
+        if isinstance(rng, list) and len(rng) == acc.num_processes:
+            set_rng_state(rng[acc.process_index])
+        else:
+            from accelerate.utils import set_seed
+            set_seed(cfg.seed + 7919 * self.epoch, device_specific=True)
+            acc.print(f"resume: the run's RNG states are for {len(rng) if isinstance(rng, list) else 1} process(es), "
+                      f"this run has {acc.num_processes}: dropout and augmentation are re-seeded")
+
+    def _replan(self, old_epochs: int) -> None:
+        cfg, acc = self.cfg, self.accelerator
+        per_epoch = len(self.train_loader)
+        if cfg.resume_schedule == "keep":
+            self.scheduler = build_scheduler(self.node_optimizers, cfg, epochs=old_epochs, updates_per_epoch=per_epoch)
+            acc.print(f"resume: --epochs {old_epochs} → {cfg.epochs}: keeping the original {old_epochs}-epoch "
+                      "schedule (lr and linear gates); --resume-schedule replan re-plans them")
+            return
+        before = self.clock.progress(self.iteration)
+        self.clock = self.clock.replanned(self.iteration, cfg.epochs * per_epoch)
+        self.planned_epochs = cfg.epochs
+        self.scheduler = build_scheduler(self.node_optimizers, cfg, epochs=cfg.epochs, updates_per_epoch=per_epoch)
+        acc.print(f"resume: --epochs {old_epochs} → {cfg.epochs}: lr schedule re-planned over {cfg.epochs} epochs; "
+                  f"linear gates continue from {before:.3f} to 1 at the new end (--resume-schedule keep keeps "
+                  "the original plan)")
 
     def _save_node_weights(self) -> None:
         for n, top1 in zip(self.nodes, self.history[-1]["top1"] if self.history else [None] * len(self.nodes)):
@@ -452,27 +481,6 @@ class GraphTrainer:
             save_node_weights(self.output / "nodes" / node_weights_name(n.index, n.spec.model), n.raw,
                               model_name=n.spec.model, model_kwargs=n.spec.model_kwargs,
                               num_classes=self.num_classes, dataset=self.cfg.dataset, top1=top1)
-
-    def _write_summary(self) -> None:
-        last = self.history[-1] if self.history else None
-        best = {n.index: max((r["top1"][n.index] for r in self.history), default=float("nan")) for n in self.nodes}
-        summary = {
-            "nodes": [n.spec.model for n in self.nodes],
-            "frozen": [n.frozen for n in self.nodes],
-            "final_top1": last["top1"] if last else None,
-            "best_top1": [best[n.index] for n in self.nodes],
-            "final_ensemble_top1": last["ensemble_top1"] if last else None,
-            "epochs": self.epoch,
-            "split": self.cfg.eval_split,
-        }
-        (self.output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        rows = [f"{'node':<28} {'final top-1':>11} {'best top-1':>10}"]
-        for n in self.nodes:
-            final = f"{last['top1'][n.index]:.2f}" if last else "-"
-            rows.append(f"{n.label:<28} {final:>11} {best[n.index]:>10.2f}")
-        if last and len(self.nodes) > 1:
-            rows.append(f"{'ensemble':<28} {last['ensemble_top1']:>11.2f}")
-        self.accelerator.print("\n".join(rows))
 
 
 def train_graph(graph: Graph, cfg: TrainConfig, *, data=None, accelerator=None,

@@ -1,0 +1,98 @@
+"""What a training run writes into its directory, apart from checkpoints.
+
+graph.json/.png/.svg, config.json (the TrainConfig), config.yaml (the command line's resolved
+flags, which ``--config`` reads back), metrics.jsonl/.csv, curves.png and summary.json.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Optional
+
+__all__ = ["write_run_files", "rewrite_metrics", "append_metrics", "write_summary", "merge_cli_yaml"]
+
+
+def merge_cli_yaml(old_text: Optional[str], new_text: str) -> str:
+    """config.yaml of a resumed run: the original run's graph flags, the new run's others.
+
+    A resume takes its graph from graph.json and gets no graph flags, so writing its own
+    flags alone would lose the graph that ``--config config.yaml`` needs to reproduce the run.
+    """
+    import yaml
+
+    from .cli import GRAPH_DESTS
+
+    if not old_text:
+        return new_text
+    old = yaml.safe_load(old_text) or {}
+    new = yaml.safe_load(new_text) or {}
+    merged = dict(old)
+    merged.update({k: v for k, v in new.items() if k not in GRAPH_DESTS})
+    header = new_text.splitlines()[0] + "\n" if new_text.startswith("#") else ""
+    return header + yaml.safe_dump(merged, sort_keys=False, default_flow_style=None)
+
+
+def write_run_files(output: Path, graph, cfg) -> None:
+    from .draw import draw_graph
+
+    output.mkdir(parents=True, exist_ok=True)
+    graph.save(output / "graph.json")
+    values = cfg.to_dict()
+    cli_yaml = values.get("extra", {}).pop("cli_yaml", None)
+    (output / "config.json").write_text(json.dumps(values, indent=2) + "\n")
+    if cli_yaml is not None:
+        path = output / "config.yaml"
+        old = path.read_text() if (cfg.resume and path.is_file()) else None
+        path.write_text(merge_cli_yaml(old, cli_yaml))
+    for suffix in (".png", ".svg"):
+        draw_graph(graph, output / f"graph{suffix}")
+
+
+def rewrite_metrics(output: Path, history: list[dict], num_nodes: int) -> None:
+    """On resume the checkpoint's history is the truth: a line written after it is dropped."""
+    path = output / "metrics.jsonl"
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
+    tmp.replace(path)
+    _write_csv(output, history, num_nodes)
+
+
+def append_metrics(output: Path, record: dict, history: list[dict], labels: list[str]) -> None:
+    with open(output / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    _write_csv(output, history, len(labels))
+    from .plots import plot_curves
+    plot_curves(history, labels, output / "curves.png")
+
+
+def _write_csv(output: Path, history: list[dict], m: int) -> None:
+    header = (["epoch"] + [f"top1_{i}" for i in range(m)] + ["ensemble_top1"]
+              + [f"train_loss_{i}" for i in range(m)] + [f"lr_{i}" for i in range(m)] + ["time"])
+    with open(output / "metrics.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        for r in history:
+            w.writerow([r["epoch"], *r["top1"], r["ensemble_top1"], *r["train_loss"], *r["lr"], r["time"]])
+
+
+def write_summary(output: Path, history: list[dict], nodes, *, epochs: int, split: str, printer=print) -> None:
+    last = history[-1] if history else None
+    best = {n.index: max((r["top1"][n.index] for r in history), default=float("nan")) for n in nodes}
+    summary = {
+        "nodes": [n.spec.model for n in nodes],
+        "frozen": [n.frozen for n in nodes],
+        "final_top1": last["top1"] if last else None,
+        "best_top1": [best[n.index] for n in nodes],
+        "final_ensemble_top1": last["ensemble_top1"] if last else None,
+        "epochs": epochs,
+        "split": split,
+    }
+    (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    rows = [f"{'node':<28} {'final top-1':>11} {'best top-1':>10}"]
+    for n in nodes:
+        final = f"{last['top1'][n.index]:.2f}" if last else "-"
+        rows.append(f"{n.label:<28} {final:>11} {best[n.index]:>10.2f}")
+    if last and len(nodes) > 1:
+        rows.append(f"{'ensemble':<28} {last['ensemble_top1']:>11.2f}")
+    printer("\n".join(rows))
