@@ -322,12 +322,15 @@ def test_a_sampled_all_cutoff_row_trains_as_a_frozen_teacher(tmp_path, cifar10):
     (["--n-trials", "0"], "--n-trials must be ≥ 1"),
     (["--reduction-factor", "1"], "--reduction-factor must be an integer ≥ 2"),
     (["--storage", "postgresql://user:secret@127.0.0.1:1/x"], "cannot open the study storage postgresql://user:***@"),
+    (["--report-seeds", "0", "--report"], "--report-seeds must be an integer ≥ 1"),
+    (["--data-dir", "/nonexistent/cifar10"], "--dataset cifar10: "),
 ])
 def test_bad_cli_input(extra, message, tmp_path, cifar10, capsys):
     args = tiny_args(cifar10, tmp_path / "out", "--n-trials", "1", "--epochs", "1")
     assert search_dcl.main(args + extra) == 2
     err = capsys.readouterr().err
     assert message in err and "secret" not in err
+    assert err.startswith("search_dcl.py: error: ") and err.count("\n") == 1  # one line, no traceback
     assert not list((tmp_path / "out").glob("trials.csv"))
 
 
@@ -391,6 +394,52 @@ def test_tiny_search_resumes(tiny_search, cifar10, capsys):
     # other settings are refused instead of mixing incomparable trials
     assert search_dcl.main(tiny_args(cifar10, out, "--n-trials", "6", "--epochs", "3", **SEARCH)) == 2
     assert "epochs: 2 in the study, 3 now" in capsys.readouterr().err
+
+
+def test_report_on_a_tiny_search(tiny_search, cifar10, capsys):
+    """--report: the top graph and the baselines, two seeds each, on the test split; a second report trains nothing."""
+    out = tiny_search
+    args = tiny_args(cifar10, out, "--n-trials", "4", "--epochs", "2", "--report", "--report-top", "1",
+                     "--report-seeds", "2", **SEARCH)
+    assert search_dcl.main(args) == 0
+    printed = capsys.readouterr().out
+    rows = json.loads((out / "report.json").read_text())
+    assert [r["role"] for r in rows[:2]] == ["independent", "dml"]
+    assert len({(r["models"], r["gates"]) for r in rows}) == len(rows)  # a graph appears once
+    best = json.loads((out / "search_summary.json").read_text())["best"]
+    assert [r["trial"] for r in rows if r["rank"] == 1] == [best["trial"]]
+    runs = []
+    for r in rows:
+        assert r["n"] == 2 and len(r["top1"]) == 2 and len(r["seeds"]) == 2
+        assert r["mean"] == pytest.approx(sum(r["top1"]) / 2)
+        assert r["std"] == pytest.approx(abs(r["top1"][0] - r["top1"][1]) / 2 ** 0.5)
+        for run, top1 in zip(r["runs"], r["top1"]):
+            run = out / run
+            config = json.loads((run / "config.json").read_text())
+            assert config["val_size"] == 0 and config["eval_split"] == "test"  # validation images back in training
+            records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+            assert [rec["epoch"] for rec in records] == [1, 2] and records[-1]["split"] == "test"
+            assert top1 == records[-1]["top1"][0]  # node 0 at the last epoch
+            trained = json.loads((run / "graph.json").read_text())["gates"]
+            assert r["gates"] == ";".join(",".join(row) for row in trained)  # the canonical form is what trained
+            runs.append(run)
+    assert len(runs) == 2 * len(rows) and f"trained {len(runs)} run(s)" in printed
+    md = (out / "report.md").read_text()
+    assert all(f"{r['mean']:.2f} ± {r['std']:.2f}" in md for r in rows)
+    assert (out / "report.png").stat().st_size > 0
+    # a second report trains nothing: no run file is touched
+    stamps = {p: p.stat().st_mtime_ns for run in runs for p in run.rglob("*") if p.is_file()}
+    assert search_dcl.main(args) == 0
+    assert "trained 0 run(s)" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for run in runs for p in run.rglob("*") if p.is_file()} == stamps
+    assert json.loads((out / "report.json").read_text()) == rows
+
+
+def test_report_needs_a_study(tmp_path, cifar10, capsys):
+    args = tiny_args(cifar10, tmp_path / "out", "--n-trials", "1", "--epochs", "1", "--report")
+    assert search_dcl.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("search_dcl.py: error: --report: the storage holds no study 'ktg-cifar10-3nodes'")
 
 
 def test_best_graph_transfers_to_another_dataset(tiny_search, tmp_path, shared_data):

@@ -68,15 +68,19 @@ def plot_rungs(study: optuna.Study, path: Path, *, min_resource: int, reduction_
     _save(fig, Path(path))
 
 
+_GATE_MARKS = {"through": "T", "cutoff": "-", "linear": "L", "correct": "C"}
+
+
 def plot_report(rows: Sequence[dict], path: Path, *, title: Optional[str] = None) -> None:
     """One line per graph: every seed's node-0 test top-1 as a dot, the mean ± std as a bar."""
     import matplotlib
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(8, 1.2 + 0.55 * max(1, len(rows))))
+    fig = Figure(figsize=(9, 1.6 + 0.5 * max(1, len(rows))))
     ax = fig.add_subplot()
     labels = []
+    show_models = len({row["models"] for row in rows}) > 1
     for y, row in enumerate(rows):
         color = "#1f5fa8" if row["role"] == "searched" else "#8c8c8c"
         seeds = [v for v in row["top1"] if v is not None]
@@ -85,11 +89,14 @@ def plot_report(rows: Sequence[dict], path: Path, *, title: Optional[str] = None
             ax.errorbar([row["mean"]], [y], xerr=[row["std"] or 0.0], fmt="|", ms=14, color="black", capsize=4,
                         zorder=4)
         rank = f" #{row['rank']}" if row.get("rank") else ""
-        labels.append(f"{row['role']}{rank}  {row['models']}")
-    ax.set_yticks(range(len(rows)), labels, fontsize=8)
-    ax.invert_yaxis()
-    ax.set(xlabel="node 0 top-1 on the test split at the last epoch (%); dots: seeds, bar: mean ± std",
-           title=title or "final report")
+        # the gate matrix in one glance: rows split by |, e.g. T--|-T-|--T for independent training
+        gates = "|".join("".join(_GATE_MARKS.get(g, "?") for g in r.split(",")) for r in row["gates"].split(";"))
+        labels.append(f"{row['role']}{rank}  {gates}" + (f"  {row['models']}" if show_models else ""))
+    ax.set_yticks(range(len(rows)), labels, fontsize=8, fontfamily="monospace")
+    ax.set_ylim(len(rows) - 0.5, -0.5)
+    ax.set_xlabel("node 0 top-1 (%): dots = seeds, bar = mean ± std\n"
+                  "gates by target row: T through, - cutoff, L linear, C correct", fontsize=8)
+    ax.set_title(title or "final report", fontsize=10)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     _save(fig, Path(path))

@@ -204,8 +204,8 @@ def run_report(study: optuna.Study, space: SearchSpace, cfg, output: str | os.Pa
         atomic_write_text(out / "report.json", json.dumps(rows, indent=2) + "\n")
         atomic_write_text(out / "report.md", _markdown(report, space, cfg))
         plot_report(rows, out / "report.png",
-                    title=f"{study.study_name}: node 0 ({space.target_model}) test top-1, "
-                          f"{settings.seeds} seed(s), epoch {cfg.epochs}")
+                    title=f"{study.study_name}: node 0 ({space.target_model}) on the test split, last epoch "
+                          f"({cfg.epochs}), {settings.seeds} seed(s)")
     return report
 
 
