@@ -206,6 +206,31 @@ def test_stale_trials_of_the_journal_are_failed(tmp_path):
     assert states == {dead.number: TrialState.FAIL, alive.number: TrialState.RUNNING}
 
 
+def test_stale_trials_of_an_rdb_storage_are_failed_by_optimize(tmp_path, monkeypatch):
+    """RDB storages keep their own heartbeat; Study.optimize fails a dead worker's trial and the slot is reused."""
+    def fake_train(self, trial, graph):
+        trial.report(50.0, 1)
+        return 50.0
+
+    monkeypatch.setattr(SearchWorker, "_train", fake_train)
+    storage = open_storage(f"sqlite:///{tmp_path}/db/s.db", tmp_path / "unused.journal", heartbeat_interval=1,
+                           grace_period=1)
+    study = open_study(storage, "s", {})
+    with pytest.warns(UserWarning, match="Heartbeat of storage"):
+        dead = study.ask()  # a worker that died mid-trial
+    storage.record_heartbeat(dead._trial_id)
+    time.sleep(1.6)
+    space = SearchSpace(2, "resnet20", ("resnet20",), "cifar10")
+    cfg = TrainConfig(dataset="cifar10", epochs=1, val_size=10)
+    worker = threading.Thread(target=SearchWorker(study, storage, space, cfg, None, n_trials=1, say=lambda m: None,
+                                                  poll_interval=0.1).run, daemon=True)
+    worker.start()
+    worker.join(60)
+    assert not worker.is_alive(), "the worker waits for the dead trial's slot forever"
+    states = [t.state for t in study.get_trials()]
+    assert states == [TrialState.FAIL, TrialState.COMPLETE]
+
+
 def test_racing_workers_finish_exactly_n_trials(tmp_path, monkeypatch):
     """Three workers (threads, each with its own storage handle, as processes have) and a stand-in
     for the trainer that takes a few milliseconds: the study still ends at exactly 10 trials."""

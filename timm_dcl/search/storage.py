@@ -199,6 +199,8 @@ def open_storage(storage: Optional[str], default_path: str | os.PathLike, *, hea
         engine_kwargs = {"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}}
     if dialect == "postgres":  # SQLAlchemy 2 only knows the long name
         storage, scheme, dialect = "postgresql" + storage[len("postgres"):], "postgresql" + scheme[8:], "postgresql"
+    if dialect == "sqlite" and storage.startswith("sqlite:///") and len(storage) > len("sqlite:///"):
+        Path(storage[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)  # as for a journal file
     if scheme == dialect:  # no driver named: SQLAlchemy's default may be missing where another is installed
         storage = _with_installed_driver(storage, dialect)
     last: Optional[BaseException] = None

@@ -238,7 +238,8 @@ class SearchWorker:
 
     def _line(self, trial: FrozenTrial) -> str:
         attrs = trial.user_attrs
-        graph = attrs.get("graph", "")
+        models, _, gates = attrs.get("graph", "").partition("|")
+        graph = f"{models}  [{gates}]"
         if trial.state == TrialState.FAIL:
             return f"trial {trial.number:>4} failed: {attrs.get('error', '?')}  {graph}"
         shown = "pruned" if trial.state == TrialState.PRUNED else f"{trial.value:6.2f}%"
