@@ -48,7 +48,7 @@ def save_node_weights(path: str | os.PathLike, model: nn.Module, *, model_name: 
         "num_classes": int(num_classes),
         "dataset": dataset,
         "top1": top1,
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},  # NCHW, safetensors-ready
     }, path)
 
 
