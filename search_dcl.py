@@ -7,7 +7,13 @@
 Every worker attached to the same storage (default: a journal file in --output that local
 processes share; or --storage postgresql://... for machines) cooperates on one study until
 exactly --n-trials trials have finished; running the command again resumes it.
-`accelerate launch --num_processes N search_dcl.py ...` runs N workers, one per GPU.
+`accelerate launch --num_processes N search_dcl.py ...` runs N workers, one per GPU. The study
+starts with the baselines (independent, DML, KD where --pretrained-dir has a teacher).
+
+    python search_dcl.py <the same flags> --report --report-top 3 --report-seeds 3
+
+then retrains the best graphs and the baselines on the whole training split over seeds and
+scores node 0 on the test split at the last epoch (OUTPUT/report.md, report.json, report.png).
 """
 from __future__ import annotations
 
