@@ -210,3 +210,26 @@ def test_a_run_another_worker_holds_is_left_to_it_until_released(study, trainer,
     outputs = [Path(c["output"]).parent.name for c in trainer]
     assert outputs.count(graph_id) == 1 and outputs[-1] == graph_id  # trained last, once the lock was free
     assert any("waiting for 1 run(s)" in line for line in lines)
+
+
+def test_a_diverged_run_is_reported_and_not_retried(study, trainer, tmp_path, monkeypatch):
+    study, space = study
+    train = timm_dcl.trainer.train_graph
+
+    def diverging(graph, cfg, **kwargs):
+        train(graph, cfg, **kwargs)
+        if graph.gates[0][1] == T and cfg.seed == 4:  # DML, second seed
+            raise FloatingPointError("epoch 2: the training loss is not finite")
+
+    monkeypatch.setattr(timm_dcl.trainer, "train_graph", diverging)
+    lines = []
+    report = run_report(study, space, CFG, tmp_path, ReportSettings(top=0, seeds=2), load_data=lambda: None,
+                        say=lines.append)
+    dml = next(r for r in report["rows"] if r["role"] == "dml")
+    assert dml["top1"][1] is None and dml["n"] == 1 and dml["diverged"] == 1
+    assert dml["mean"] == dml["top1"][0] and dml["std"] == 0.0
+    assert any("diverged" in line for line in lines)
+    assert "diverged" in (tmp_path / "report.md").read_text()
+    again = run_report(study, space, CFG, tmp_path, ReportSettings(top=0, seeds=2), load_data=lambda: None,
+                       say=lines.append)
+    assert again["trained"] == 0 and again["rows"] == report["rows"]

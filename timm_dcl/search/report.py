@@ -86,8 +86,18 @@ def _run_dir(output: Path, g: ReportGraph, seed_index: int) -> Path:
     return output / "report" / g.canon.id / f"seed{seed_index}"
 
 
+def _diverged_marker(run: Path) -> Path:
+    return run.with_name(f"{run.name}.diverged")
+
+
 def _read_result(run: Path, cfg, epochs: int) -> Optional[dict]:
-    """The run's record of the last epoch, None if it has not got there; refuses other settings."""
+    """The run's record of the last epoch, None if it has not got there; refuses other settings.
+
+    A run whose loss diverged is a result too (``{"diverged": reason}``): retraining it would
+    diverge again, and hiding it would flatter the graph.
+    """
+    if _diverged_marker(run).is_file():
+        return {"diverged": _diverged_marker(run).read_text().strip()}
     config = run / "config.json"
     if not config.is_file():
         return None
@@ -174,9 +184,14 @@ def run_report(study: optuna.Study, space: SearchSpace, cfg, output: str | os.Pa
                 say(f"report: {'resuming' if resume else 'training'} {g.role} {g.canon.models_text} "
                     f"[{g.canon.gates_text}] seed {k} → {run}")
                 start = time.perf_counter()
-                with open(run.with_name(f"seed{k}.log"), "a", buffering=1) as log, \
-                        contextlib.redirect_stdout(log):
-                    train_graph(graph, dataclasses.replace(seed_cfg, resume=str(run) if resume else None), data=data)
+                try:
+                    with open(run.with_name(f"seed{k}.log"), "a", buffering=1) as log, \
+                            contextlib.redirect_stdout(log):
+                        train_graph(graph, dataclasses.replace(seed_cfg, resume=str(run) if resume else None),
+                                    data=data)
+                except FloatingPointError as e:
+                    atomic_write_text(_diverged_marker(run), f"{e}\n")
+                    say(f"report: {g.canon.id}/seed{k} diverged: {e}")
                 trained += 1
                 say(f"report: {g.canon.id}/seed{k} done in {time.perf_counter() - start:.0f}s")
         if not held_elsewhere:
@@ -189,14 +204,17 @@ def run_report(study: optuna.Study, space: SearchSpace, cfg, output: str | os.Pa
         records = [_read_result(_run_dir(out, g, k), dataclasses.replace(run_cfg, seed=cfg.seed + k,
                                                                          output=str(_run_dir(out, g, k))), cfg.epochs)
                    for k in range(settings.seeds)]
-        top1 = [float(r["top1"][0]) for r in records]
-        ens = [float(r["ensemble_top1"]) for r in records]
-        mean, std = _mean_std(top1)
-        ens_mean, ens_std = _mean_std(ens)
+        # a diverged seed is null in the lists and left out of mean, std and n (``diverged`` counts it)
+        top1 = [None if "diverged" in r else float(r["top1"][0]) for r in records]
+        ens = [None if "diverged" in r else float(r["ensemble_top1"]) for r in records]
+        finished = [v for v in top1 if v is not None]
+        mean, std = _mean_std(finished)
+        ens_mean, ens_std = _mean_std([v for v in ens if v is not None])
         rows.append({"role": g.role, "rank": g.rank, "trial": g.trial, "val_top1": g.val_top1,
                      "models": g.canon.models_text, "gates": g.canon.gates_text, "graph_id": g.canon.id,
                      "seeds": [cfg.seed + k for k in range(settings.seeds)], "top1": top1, "mean": mean, "std": std,
-                     "n": len(top1), "ensemble_top1": ens, "ensemble_mean": ens_mean, "ensemble_std": ens_std,
+                     "n": len(finished), "diverged": len(top1) - len(finished),
+                     "ensemble_top1": ens, "ensemble_mean": ens_mean, "ensemble_std": ens_std,
                      "runs": [str(_run_dir(out, g, k).relative_to(out)) for k in range(settings.seeds)]})
     report = {"study": study.study_name, "epochs": cfg.epochs, "split": "test", "epoch": "last",
               "seeds": settings.seeds, "top": settings.top, "trained": trained, "rows": rows}
@@ -225,7 +243,7 @@ def _markdown(report: dict, space: SearchSpace, cfg) -> str:
              "", "| graph | rank | models | gates | node 0 top-1 | n | ensemble top-1 | per seed |",
              "|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
-        seeds = ", ".join(f"{v:.2f}" for v in r["top1"])
+        seeds = ", ".join("diverged" if v is None else f"{v:.2f}" for v in r["top1"])
         rank = f"#{r['rank']} (val {r['val_top1']:.2f})" if r["rank"] else ""
         lines.append(f"| {r['role']} | {rank} | {r['models']} | `{r['gates']}` | {_fmt(r['mean'], r['std'])} | "
                      f"{r['n']} | {_fmt(r['ensemble_mean'], r['ensemble_std'])} | {seeds} |")
