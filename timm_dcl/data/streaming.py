@@ -87,19 +87,34 @@ class StreamingDataset(Dataset):
         return image, int(self.labels[pos])
 
 
-class _EpochSampler(Sampler):
-    """Yields ``(position, epoch)`` for the loader's current epoch. It runs in the main process, so
-    one persistent ``DataLoader`` serves every epoch."""
+class _EpochOrder:
+    """The shard's order for the current epoch. Shared by the loader and its sampler; the sampler
+    must not hold the loader itself: that cycle leaves the DataLoader's workers to the garbage
+    collector, whose finalisers then wait seconds for each of them."""
 
-    def __init__(self, loader: "StreamingTrainLoader"):
-        self.loader = loader
+    def __init__(self, n: int, seed: int, num_shards: int, shard_index: int):
+        self.n, self.seed, self.num_shards, self.shard_index = n, seed, num_shards, shard_index
+        self.per_shard = n // num_shards
+        self.epoch = 0
+
+    def positions(self, epoch: Optional[int] = None) -> torch.Tensor:
+        return shard_positions(self.n, seed=self.seed, epoch=self.epoch if epoch is None else epoch,
+                               num_shards=self.num_shards, shard_index=self.shard_index)
+
+
+class _EpochSampler(Sampler):
+    """Yields ``(position, epoch)`` for the current epoch. It runs in the main process, so one
+    persistent ``DataLoader`` serves every epoch."""
+
+    def __init__(self, order: _EpochOrder):
+        self.order = order
 
     def __len__(self) -> int:
-        return self.loader.per_shard
+        return self.order.per_shard
 
     def __iter__(self):
-        epoch = self.loader.epoch
-        return iter([(int(p), epoch) for p in self.loader.epoch_positions(epoch)])
+        epoch = self.order.epoch
+        return iter([(int(p), epoch) for p in self.order.positions(epoch)])
 
 
 def _default_workers() -> int:
@@ -134,18 +149,20 @@ class StreamingTrainLoader:
         check_sharding(len(split), batch_size, num_shards, shard_index)
         self.split, self.batch_size, self.drop_last, self.device = split, int(batch_size), drop_last, device
         self.seed = _check_count("seed", seed)
-        self.num_shards, self.shard_index = int(num_shards), int(shard_index)
-        self.per_shard = len(split) // self.num_shards
-        self.epoch = 0
-        self._loader = _data_loader(split.dataset(train=True, seed=self.seed), self.batch_size, _EpochSampler(self),
-                                    workers, device, drop_last)
+        self._order = _EpochOrder(len(split), self.seed, int(num_shards), int(shard_index))
+        self.per_shard = self._order.per_shard
+        self._loader = _data_loader(split.dataset(train=True, seed=self.seed), self.batch_size,
+                                    _EpochSampler(self._order), workers, device, drop_last)
+
+    @property
+    def epoch(self) -> int:
+        return self._order.epoch
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = _check_count("epoch", epoch)
+        self._order.epoch = _check_count("epoch", epoch)
 
     def epoch_positions(self, epoch: Optional[int] = None) -> torch.Tensor:
-        return shard_positions(len(self.split), seed=self.seed, epoch=self.epoch if epoch is None else epoch,
-                               num_shards=self.num_shards, shard_index=self.shard_index)
+        return self._order.positions(epoch)
 
     def epoch_indices(self, epoch: Optional[int] = None) -> torch.Tensor:
         """The source rows this shard sees in ``epoch``, in order."""
