@@ -24,5 +24,8 @@ trainer = GraphTrainer(graph, cfg)
 assert trainer.accelerator.num_processes == 2, "expected two processes"
 trainer.fit()
 rank = trainer.accelerator.process_index
-torch.save([{k: v.detach().cpu() for k, v in n.raw.state_dict().items()} for n in trainer.nodes],
+torch.save({"nodes": [{k: v.detach().cpu() for k, v in n.raw.state_dict().items()} for n in trainer.nodes],
+            # the training rows this rank saw in epoch 0, read from the loader the trainer used
+            "rows": trainer.train_loader.epoch_indices(0).cpu(),
+            "train_rows": trainer.data.train.indices.cpu()},
            Path(args.output) / f"rank{rank}.pth")

@@ -152,14 +152,21 @@ def test_two_process_ddp_keeps_nodes_in_sync(tmp_path, cifar10):
            str(REPO_ROOT / "tests" / "ddp_worker.py"), "--data-dir", cifar10, "--output", str(tmp_path)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    states = [torch.load(tmp_path / f"rank{r}.pth", weights_only=True) for r in (0, 1)]
+    saved = [torch.load(tmp_path / f"rank{r}.pth", weights_only=True) for r in (0, 1)]
+    states = [s["nodes"] for s in saved]
     assert len(states[0]) == 2  # both nodes
     for node_a, node_b in zip(*states):
         assert node_a.keys() == node_b.keys()
         for k in node_a:
             assert torch.equal(node_a[k], node_b[k]), k
-    # The two ranks saw different images: one process alone would not give these weights.
-    assert (tmp_path / "run" / "metrics.jsonl").is_file()
+    # The two ranks saw disjoint halves of the training split, together all of it (128 = 2 × 64).
+    rows = [set(s["rows"].tolist()) for s in saved]
+    assert len(rows[0]) == len(rows[1]) == 64 and not rows[0] & rows[1]
+    assert rows[0] | rows[1] == set(saved[0]["train_rows"].tolist())
+    # Each rank has its own RNG stream (seed + rank: dropout and drop-path differ), saved for the resume.
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.pth", weights_only=False)
+    assert len(state["rng"]) == 2 and not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
+    assert len(_metrics(tmp_path / "run")) == 1
 
 
 @pytest.mark.parametrize("model", ["resnet20", "resnet32"])

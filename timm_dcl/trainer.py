@@ -351,10 +351,11 @@ class GraphTrainer:
                 if improved:
                     self.best_top1, self.best_epoch = top1[0], epoch + 1
                 self.history.append(record)
-                self._save_state("last")
+                rng = self._rng_states()  # a collective: every rank takes part
+                self._save_state("last", rng)
                 if self.output is not None and main:
                     if improved and cfg.save_best:
-                        self._save_state("best")
+                        self._save_state("best", rng)
                     run_files.append_metrics(self.output, record, self.history, [n.label for n in self.nodes])
                 if acc.trackers:
                     acc.log({f"top1/{i}": v for i, v in enumerate(top1)} | {"top1/ensemble": ens}
@@ -404,8 +405,7 @@ class GraphTrainer:
             "history": self.history,
         }
 
-    def _save_state(self, which: str) -> None:
-        rng = self._rng_states()  # a collective: every rank takes part
+    def _save_state(self, which: str, rng: list) -> None:
         if self.output is not None and self.accelerator.is_main_process:
             atomic_save(self._state(rng), self.output / "checkpoints" / f"{which}.pth")
 
