@@ -28,6 +28,8 @@ MIN_CACHED_ROWS = 4096
 # Rows below which a process pool costs more than it saves.
 _MIN_POOL_ROWS = 4096
 _CACHE_FORMAT = 1
+# Rows decoded at a time without a pool (bounds the transient HWC copy).
+_DECODE_CHUNK = 1024
 
 
 @dataclass
@@ -111,21 +113,32 @@ def decode_images(blobs: Sequence[Optional[bytes]], paths: Optional[Sequence[Opt
         raise ValueError("no images to decode")
     workers = _default_workers() if num_workers is None else max(1, int(num_workers))
     import multiprocessing as mp
-    if workers > 1 and n >= _MIN_POOL_ROWS and "fork" in mp.get_all_start_methods():
+    pooled = workers > 1 and n >= _MIN_POOL_ROWS and "fork" in mp.get_all_start_methods()
+    step = math.ceil(n / (workers * 4)) if pooled else _DECODE_CHUNK
+    jobs = [(list(blobs[i:i + step]), paths[i:i + step], i, transform) for i in range(0, n, step)]
+    # Each chunk is copied into one preallocated [N, 3, H, W] tensor as it arrives and dropped:
+    # the split is held about once, not as chunks, plus their concatenation, plus its transpose.
+    out: Optional[torch.Tensor] = None
+    if pooled:
         from concurrent.futures import ProcessPoolExecutor
-        step = math.ceil(n / (workers * 4))
-        jobs = [(list(blobs[i:i + step]), paths[i:i + step], i, transform) for i in range(0, n, step)]
         # fork: the workers need only PIL/numpy, and spawning would re-import torch in each.
         with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
-            chunks = list(pool.map(_decode_chunk, jobs))
+            for job, chunk in zip(jobs, pool.map(_decode_chunk, jobs)):
+                out = _place(out, n, job[2], chunk)
     else:
-        chunks = [_decode_chunk((list(blobs), paths, 0, transform))]
-    sizes = {c.shape[1:] for c in chunks}
-    if len(sizes) > 1:
-        raise ValueError(f"images differ in size: {sorted(s[:2] for s in sizes)}; pass input_size "
+        for job in jobs:
+            out = _place(out, n, job[2], _decode_chunk(job))
+    return out
+
+
+def _place(out: Optional[torch.Tensor], n: int, start: int, chunk: np.ndarray) -> torch.Tensor:
+    if out is None:
+        out = torch.empty((n, chunk.shape[3], chunk.shape[1], chunk.shape[2]), dtype=torch.uint8)
+    elif tuple(out.shape[2:]) != chunk.shape[1:3] or out.shape[1] != chunk.shape[3]:
+        raise ValueError(f"images differ in size: {tuple(out.shape[2:])} and {chunk.shape[1:3]}; pass input_size "
                          f"(--input-size) to resize them")
-    arr = chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
-    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+    out[start:start + len(chunk)] = torch.from_numpy(chunk).permute(0, 3, 1, 2)
+    return out
 
 
 
