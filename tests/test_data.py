@@ -466,3 +466,18 @@ def test_per_sample_dataset_baseline(cifar10_small):
     raw = D.make_torch_dataset(cifar10_small.train)
     img, label = raw[3]
     assert torch.equal(img, cifar10_small.train.images[3]) and label == int(cifar10_small.train.labels[3])
+
+
+def test_decode_images_pool_and_chunks_agree(cifar10_dir, monkeypatch):
+    blobs = [b["bytes"] for b in _column(cifar10_dir / "test.parquet", "img").slice(0, 40).to_pylist()]
+    whole = D.decode_images(blobs, num_workers=1)
+    monkeypatch.setattr(M, "_MIN_POOL_ROWS", 0)
+    monkeypatch.setattr(M, "_DECODE_CHUNK", 7)
+    assert torch.equal(D.decode_images(blobs, num_workers=2), whole)  # forked pool, chunks placed in order
+    assert torch.equal(D.decode_images(blobs, num_workers=1), whole)  # in-process, 7 rows at a time
+    assert np.array_equal(whole[39].permute(1, 2, 0).numpy(), _pil_rgb(blobs[39]))
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.new("RGB", (20, 24)).save(buf, format="PNG")
+    with pytest.raises(ValueError, match=r"images differ in size.*pass input_size"):
+        D.decode_images(blobs[:10] + [buf.getvalue()], num_workers=1)  # the odd one in another chunk
