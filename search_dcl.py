@@ -24,10 +24,17 @@ import time
 from pathlib import Path
 
 
+class _OneLineErrors(argparse.ArgumentParser):
+    """A bad flag is one line, like every other error of this script (argparse adds the usage)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from timm_dcl.config import HelpFormatter, add_data_args, add_train_args
 
-    parser = argparse.ArgumentParser(
+    parser = _OneLineErrors(
         prog="search_dcl.py", description="Search the models and gates of a Knowledge Transfer Graph with ASHA (Optuna).",
         formatter_class=HelpFormatter)
     g = parser.add_argument_group("search space")
@@ -76,7 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, or a bad flag (already printed): an exit status, as for every error
+        return int(e.code or 0)
     from timm_dcl.search import isolate_worker
 
     worker = isolate_worker()  # before anything touches CUDA

@@ -350,6 +350,7 @@ def test_a_sampled_all_cutoff_row_trains_as_a_frozen_teacher(tmp_path, cifar10):
     (["--storage", "postgresql://user:secret@127.0.0.1:1/x"], "cannot open the study storage postgresql://user:***@"),
     (["--report-seeds", "0", "--report"], "--report-seeds must be an integer ≥ 1"),
     (["--data-dir", "/nonexistent/cifar10"], "--dataset cifar10: "),
+    (["--epochs", "two"], "argument --epochs: invalid int value: 'two'"),
 ])
 def test_bad_cli_input(extra, message, tmp_path, cifar10, capsys):
     args = tiny_args(cifar10, tmp_path / "out", "--n-trials", "1", "--epochs", "1")
