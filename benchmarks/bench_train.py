@@ -127,13 +127,14 @@ class _Ours(_Variant):
         if steps is None or steps >= len(full):
             self.trainer._train_epoch(epoch)
             return
-        from timm_dcl.data import BatchLoader, ImageData
+        from timm_dcl.data import ImageData
+        from timm_dcl.data.memory import InMemoryTrainLoader
 
         # A short epoch: the trainer's loop over a loader of the first ``steps`` batches.
         n = steps * full.batch_size
         part = ImageData(full.images[:n].cpu(), full.labels[:n].cpu(), self.data.train.classes)
-        self.trainer.train_loader = BatchLoader(part, full.batch_size, shuffle=True, seed=full.seed,
-                                                device=full.images.device if full.images.is_cuda else None)
+        self.trainer.train_loader = InMemoryTrainLoader(part, full.batch_size, augment=full.augment, seed=full.seed,
+                                                        device=full.images.device if full.images.is_cuda else None)
         try:
             self.trainer._train_epoch(epoch)
         finally:
