@@ -22,6 +22,7 @@
 #include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#include <torch/autograd.h>
 #include <torch/library.h>
 #include <torch/version.h>
 
@@ -221,8 +222,18 @@ KTG_HD Vec<A, W> load_full(const S* p) {
 
 template <class S, class A, int W>
 KTG_HD Vec<A, W> load_part(const S* p, int rem, A pad) {
-  Vec<A, W> r(pad);
-  for (int j = 0; j < rem; ++j) r.v[j] = static_cast<A>(p[j]);
+  // Through a stack buffer: inserting lanes one by one into a vector register is several
+  // times slower, and this is the whole row when C is below the lane count.
+  constexpr int L = Vec<A, W>::L;
+  alignas(W) A buf[L];
+  for (int j = 0; j < L; ++j) buf[j] = pad;
+  if constexpr (std::is_same<S, A>::value) {
+    std::memcpy(buf, p, sizeof(A) * rem);
+  } else {
+    for (int j = 0; j < rem; ++j) buf[j] = static_cast<A>(p[j]);
+  }
+  Vec<A, W> r;
+  std::memcpy(&r.v, buf, sizeof(r.v));
   return r;
 }
 
@@ -237,7 +248,11 @@ KTG_HD void store_full(S* p, const Vec<A, W>& x) {
 
 template <class S, class A, int W>
 KTG_HD void store_part(S* p, const Vec<A, W>& x, int rem) {
-  for (int j = 0; j < rem; ++j) p[j] = static_cast<S>(x.v[j]);
+  if constexpr (std::is_same<S, A>::value) {
+    std::memcpy(p, &x.v, sizeof(A) * rem);
+  } else {
+    for (int j = 0; j < rem; ++j) p[j] = static_cast<S>(x.v[j]);
+  }
 }
 
 // One chunk of L classes starting at class c. Lanes [skip, rem) are new classes. When
@@ -263,6 +278,32 @@ KTG_HD void for_chunks(int64_t C, F&& f) {  // f is called in class order
   }
 }
 
+// The arguments of one call of the kernels (the per-thread sample range aside).
+template <class S, class A>
+struct ForwardArgs {
+  NodeRows<S> z;
+  const S* limit[kMaxNodes];  // end of each node's storage (see CpuKernel::load)
+  const int64_t* y;
+  int64_t B, C;
+  const Plan* plan;
+  A* stats;       // [M, B, kStatCols]
+  A* per_sample;  // [B, M]
+  A progress;
+};
+
+template <class S, class A>
+struct BackwardArgs {
+  StridedVec<A> grad_losses;
+  NodeRows<S> z;
+  const S* limit[kMaxNodes];
+  const int64_t* y;
+  const A* stats;
+  int64_t B, C;
+  const Plan* plan;
+  GradRows<S> grad;
+  A progress;
+};
+
 // ---------------------------------------------------------------------------------
 // Kernels over a range of samples. S: logits' dtype, A: accumulation dtype.
 // ---------------------------------------------------------------------------------
@@ -280,36 +321,42 @@ struct CpuKernel {
   // about 1e-5 of relative accuracy.
   static constexpr int kCascade = 32;
 
-  KTG_HD static V load(const S* p, const Chunk& k, A pad) {
-    return k.rem == L ? load_full<S, A, W>(p + k.c) : load_part<S, A, W>(p + k.c, k.rem, pad);
+  // limit: the end of the tensor's storage. A short chunk (C < L) whose vector still lies
+  // inside the storage is read whole and its lanes past the row replaced by `pad`: much
+  // cheaper than assembling it, and this is every row when C is small.
+  KTG_HD static V load(const S* p, const Chunk& k, A pad, const S* limit) {
+    if (k.rem == L) return load_full<S, A, W>(p + k.c);
+    if (p + k.c + L <= limit) {
+      const V v = load_full<S, A, W>(p + k.c);
+      return V(lane_index<A, W>() < static_cast<Int>(k.rem) ? v.v : R{} + pad);
+    }
+    return load_part<S, A, W>(p + k.c, k.rem, pad);
   }
   KTG_HD static bool masked(const Chunk& k) { return k.skip != 0 || k.rem != L; }
 
-  // Per-thread scratch holding exp(u) and exp(u/T) of the current sample, so the
-  // probability passes multiply instead of calling exp again. nullptr: not cached
-  // (very large M·C), the passes recompute the exponentials.
+  // Per-thread scratch holding exp(u/T) of the current sample, so the forward's
+  // knowledge-edge pass multiplies instead of calling exp again. nullptr: not cached
+  // (very large M·C), that pass recomputes the exponentials.
   struct Cache {
-    A* e1;           // e1[n * stride + c] = exp(z_n,c − mx_n)
-    A* eT;           // exp((z_n,c − mx_n)/T); == e1 when T == 1
+    A* eT;           // eT[n * stride + c] = exp((z_n,c − mx_n)/T)
     int64_t stride;  // max(C, 16) ≥ max(C, L)
   };
 
-  // Above this many cached values per thread the passes recompute exp instead.
+  // Above this many cached values per thread the pass recomputes exp instead.
   static constexpr int64_t kMaxScratch = int64_t(1) << 22;
 
   // Independent of the lane width so one scratch size fits every ISA's kernel.
   KTG_HD static int64_t cache_stride(int64_t C) { return std::max<int64_t>(C, 16); }
 
-  // Scratch elements per thread (0: no cache).
+  // Scratch elements per thread (0: no cache, or nothing would read it).
   static int64_t scratch_size(const Plan& plan, int64_t C) {
-    const int64_t n = plan.M * cache_stride(C) * (plan.unit_temperature ? 1 : 2);
+    if (plan.num_edges == 0) return 0;
+    const int64_t n = plan.M * cache_stride(C);
     return n <= kMaxScratch ? n : 0;
   }
 
-  KTG_HD static Cache make_cache(A* scratch, const Plan& plan, int64_t C) {
-    if (!scratch) return Cache{nullptr, nullptr, 0};
-    const int64_t stride = cache_stride(C);
-    return Cache{scratch, plan.unit_temperature ? scratch : scratch + plan.M * stride, stride};
+  KTG_HD static Cache make_cache(A* scratch, int64_t C) {
+    return Cache{scratch, scratch ? cache_stride(C) : 0};
   }
 
   // The raw per-node sums, before the logarithms.
@@ -324,23 +371,23 @@ struct CpuKernel {
     return plan.unit_temperature ? kUnit : (plan.temperature == 2.0 ? kSquare : kGeneral);
   }
 
-  // Max, first argmax (if wanted), then sum-exp of one node of one sample; the
-  // exponentials go to e1/eT when they are not null.
-  template <int Mode, bool WantArg>
-  KTG_HD static RawStat node_sums(const S* z, int64_t C, A inv_t, int64_t* argmax, A* e1_out,
+  // Max, first argmax, then sum-exp of one node of one sample; exp(u/T) goes to eT_out
+  // when it is not null.
+  template <int Mode>
+  KTG_HD static RawStat node_sums(const S* z, const S* limit, int64_t C, A inv_t, int64_t* argmax,
                                   A* eT_out) {
     const A ninf = neg_infinity<A>();
     const I iota = lane_index<A, W>();
     R mxv = R{} + ninf;
     I arg = I{} + std::numeric_limits<Int>::max();
     for_chunks<L>(C, [&](const Chunk& k) KTG_LAMBDA_INLINE {
-      const R v = load(z, k, ninf).v;  // the moved-back last chunk is harmless for a max
+      const R v = load(z, k, ninf, limit).v;  // the moved-back last chunk is harmless for a max
       const auto gt = v > mxv;         // strict: each lane keeps its first maximum
       mxv = gt ? v : mxv;
-      if (WantArg) arg = gt ? iota + static_cast<Int>(k.c) : arg;
+      arg = gt ? iota + static_cast<Int>(k.c) : arg;
     });
     const A mx = hmax<A, W>(mxv);
-    if (WantArg) {
+    {
       const I cand = mxv == (R{} + mx) ? arg : I{} + std::numeric_limits<Int>::max();
       const int64_t first = hmin_index<A, W>(cand);
       *argmax = first == std::numeric_limits<Int>::max() ? -1 : first;
@@ -348,7 +395,7 @@ struct CpuKernel {
     V s1(A(0)), sT(A(0)), bad(A(0)), s1_total(A(0)), sT_total(A(0));
     int blocked = 0;
     for_chunks<L>(C, [&](const Chunk& k) KTG_LAMBDA_INLINE {
-      const V v = load(z, k, mx);  // padding gives u = 0, masked below
+      const V v = load(z, k, mx, limit);  // padding gives u = 0, masked below
       const V u = v - mx;
       V e1, eT;
       if (Mode == kUnit) {
@@ -362,10 +409,7 @@ struct CpuKernel {
         e1 = ktg_exp(u);
         eT = ktg_exp(u * inv_t);
       }
-      if (e1_out) {
-        store_full<A, A, W>(e1_out + k.c, e1);
-        if (Mode != kUnit) store_full<A, A, W>(eT_out + k.c, eT);
-      }
+      if (eT_out) store_full<A, A, W>(eT_out + k.c, eT);
       if (masked(k)) {
         const V valid = lane_mask<A, W>(k.skip, k.rem);
         e1 = e1 * valid;
@@ -387,19 +431,17 @@ struct CpuKernel {
     return RawStat{mx, S1, Mode == kUnit ? S1 : hsum(sT_total), hsum(bad)};
   }
 
-  template <bool WantArg>
-  KTG_HD static RawStat sums_of(const S* z, int64_t C, const Plan& plan, Mode mode,
+  KTG_HD static RawStat sums_of(const S* z, const S* limit, int64_t C, const Plan& plan, Mode mode,
                                 int64_t* argmax, const Cache& cache, int n) {
     const A inv_t = static_cast<A>(plan.inv_temperature);
-    A* e1 = cache.e1 ? cache.e1 + n * cache.stride : nullptr;
     A* eT = cache.eT ? cache.eT + n * cache.stride : nullptr;
     switch (mode) {
       case kUnit:
-        return node_sums<kUnit, WantArg>(z, C, inv_t, argmax, e1, e1);
+        return node_sums<kUnit>(z, limit, C, inv_t, argmax, eT);
       case kSquare:
-        return node_sums<kSquare, WantArg>(z, C, inv_t, argmax, e1, eT);
+        return node_sums<kSquare>(z, limit, C, inv_t, argmax, eT);
       default:
-        return node_sums<kGeneral, WantArg>(z, C, inv_t, argmax, e1, eT);
+        return node_sums<kGeneral>(z, limit, C, inv_t, argmax, eT);
     }
   }
 
@@ -435,40 +477,37 @@ struct CpuKernel {
   }
 
   // u[n] = z_n − mx_n on one chunk for every node in `mask` (padding: u = 0).
-  KTG_HD static void load_shifted(const S* z, int64_t B, int64_t C, int64_t b, const Chunk& k,
-                                  const Plan& plan, uint32_t mask, const NodeStat<A>* st,
-                                  V* u) {
+  KTG_HD static void load_shifted(const NodeRows<S>& z, const S* const* limit, int64_t b,
+                                  const Chunk& k, const Plan& plan, uint32_t mask,
+                                  const NodeStat<A>* st, V* u) {
     for (int n = 0; n < plan.M; ++n) {
       if (!has_bit(mask, n)) continue;
-      u[n] = load(z + (n * B + b) * C, k, st[n].mx) - st[n].mx;
+      u[n] = load(z.row(n, b), k, st[n].mx, limit[n]) - st[n].mx;
     }
   }
 
-  // class_probs of ktg_loss.h, from the cached exponentials when there are some:
-  // softmax = exp(u/T) · exp(−lsT).
-  KTG_HD static void chunk_probs(const Plan& plan, const NodeStat<A>* st, const V* u,
-                                 uint32_t t_mask, uint32_t one_mask, const Cache& cache,
-                                 const A* rT, const A* r1, const Chunk& k, V* pT, V* p1) {
-    if (!cache.e1) {
-      class_probs<MAXM>(plan, st, u, t_mask, one_mask, pT, p1);
+  // softmax(z_s/T) of the sources on one chunk: from the cached exponentials when there
+  // are some (exp(u/T) · exp(−lsT)), else class_probs of ktg_loss.h.
+  KTG_HD static void source_probs(const Plan& plan, const NodeStat<A>* st, const V* u,
+                                  const Cache& cache, const A* rT, const Chunk& k, V* pT) {
+    if (!cache.eT) {
+      class_probs<MAXM>(plan, st, static_cast<const A*>(nullptr), u, plan.source_mask, 0u, pT,
+                        static_cast<V*>(nullptr));
       return;
     }
     for (int n = 0; n < plan.M; ++n) {
-      const int64_t off = n * cache.stride + k.c;
-      if (has_bit(t_mask, n)) pT[n] = load_full<A, A, W>(cache.eT + off) * rT[n];
-      if (has_bit(one_mask, n)) {
-        p1[n] = plan.unit_temperature && has_bit(t_mask, n) ? pT[n]
-                                                             : load_full<A, A, W>(cache.e1 + off) * r1[n];
-      }
+      if (has_bit(plan.source_mask, n))
+        pT[n] = load_full<A, A, W>(cache.eT + n * cache.stride + k.c) * rT[n];
     }
   }
 
-  KTG_HD static void forward_range(const S* z, const int64_t* y, int64_t B, int64_t C,
-                                   const Plan& plan, A* stats, A* per_sample, const Cache& cache,
-                                   int64_t b0, int64_t b1) {
+  // Statistics (stored for the backward) and per-sample losses of samples [b0, b1).
+  KTG_HD static void forward_range(const ForwardArgs<S, A>& a, const Cache& cache, int64_t b0,
+                                   int64_t b1) {
+    const Plan& plan = *a.plan;
     const int M = plan.M;
     const int E = plan.num_edges;
-    const A inv_t = static_cast<A>(plan.inv_temperature);
+    const int64_t B = a.B, C = a.C;
     const uint32_t kd_nodes = plan.source_mask | plan.kd_target_mask;
     const Mode mode = mode_of(plan);
     const uint32_t all = (uint32_t(1) << M) - 1u;
@@ -479,30 +518,23 @@ struct CpuKernel {
     V Dv[kMaxEdges], Dt[kMaxEdges];
     V u[kMaxNodes], pT[kMaxNodes];
     for (int64_t b = b0; b < b1; ++b) {
-      const int64_t yb = y[b];
+      const int64_t yb = a.y[b];
       for (int n = 0; n < M; ++n) {
         int64_t arg;
-        raw[n] = sums_of<true>(z + (n * B + b) * C, C, plan, mode, &arg, cache, n);
+        raw[n] = sums_of(a.z.row(n, b), a.limit[n], C, plan, mode, &arg, cache, n);
         correct[n] = arg == yb ? A(1) : A(0);
       }
       finalize_nodes(plan, all, raw, st, r1, rT);
-      for (int n = 0; n < M; ++n) {
-        A* sp = stats + (n * B + b) * 3;
-        sp[0] = lse_tempered(st[n], inv_t);
-        sp[1] = lse_plain(st[n]);
-        sp[2] = correct[n];
-      }
+      for (int n = 0; n < M; ++n) store_stat(a.stats, B, n, b, st[n], correct[n]);
       for (int t = 0; t < M; ++t) {
-        if (has_bit(plan.label_mask, t))
-          ce[t] = label_ce(st[t], static_cast<A>(z[(t * B + b) * C + yb]));
+        if (has_bit(plan.label_mask, t)) ce[t] = label_ce(st[t], static_cast<A>(a.z.row(t, b)[yb]));
       }
       if (E > 0) {
         for (int e = 0; e < E; ++e) Dv[e] = Dt[e] = V(A(0));
         int blocked = 0;
         for_chunks<L>(C, [&](const Chunk& k) KTG_LAMBDA_INLINE {
-          load_shifted(z, B, C, b, k, plan, kd_nodes, st, u);
-          chunk_probs(plan, st, u, plan.source_mask, 0u, cache, rT, rT, k, pT,
-                      static_cast<V*>(nullptr));
+          load_shifted(a.z, a.limit, b, k, plan, kd_nodes, st, u);
+          source_probs(plan, st, u, cache, rT, k, pT);
           if (masked(k)) {
             const V valid = lane_mask<A, W>(k.skip, k.rem);
             for (int s = 0; s < M; ++s)
@@ -520,48 +552,45 @@ struct CpuKernel {
         for (int e = 0; e < E; ++e)
           D[plan.edge_src[e] * MAXM + plan.edge_tgt[e]] = hsum(Dt[e] + Dv[e]);
       }
-      sample_losses<MAXM>(plan, st, ce, D, correct, true, per_sample + b * M);
+      sample_losses<MAXM>(plan, st, ce, D, correct, true, a.progress, a.per_sample + b * M);
     }
   }
 
-  KTG_HD static void backward_range(const A* grad_losses, const S* z, const int64_t* y,
-                                    const A* stats, int64_t B, int64_t C, const Plan& plan,
-                                    S* grad, const Cache& cache, int64_t b0, int64_t b1) {
+  // Gradients of samples [b0, b1): one pass over the logits, from the forward's statistics.
+  KTG_HD static void backward_range(const BackwardArgs<S, A>& a, int64_t b0, int64_t b1) {
+    const Plan& plan = *a.plan;
     const int M = plan.M;
+    const int64_t B = a.B, C = a.C;
     const uint32_t kd_nodes = plan.source_mask | plan.kd_target_mask;
     const uint32_t needed = plan.target_mask | plan.source_mask;
     const A inv_b = A(1) / static_cast<A>(B);
     const I iota = lane_index<A, W>();
-    const Mode mode = mode_of(plan);
-    RawStat raw[kMaxNodes];
     NodeStat<A> st[kMaxNodes];
-    A correct[kMaxNodes], rT[kMaxNodes], r1[kMaxNodes];
+    A correct[kMaxNodes], sq[kMaxNodes];
     SampleCoef<A, MAXM> coef;
     V u[kMaxNodes], pT[kMaxNodes], p1[kMaxNodes], g[kMaxNodes];
     for (int64_t b = b0; b < b1; ++b) {
-      const int64_t yb = y[b];
+      const int64_t yb = a.y[b];
       for (int n = 0; n < M; ++n) {
-        correct[n] = stats[(n * B + b) * 3 + 2];
-        // Recomputed rather than read back: the stats' log-sum-exp columns are rounded
-        // sums (mx + ls) and would cost float32 precision for large logits.
-        if (has_bit(needed, n))
-          raw[n] = sums_of<false>(z + (n * B + b) * C, C, plan, mode, nullptr, cache, n);
+        correct[n] = a.stats[(n * B + b) * kStatCols + kStatCorrect];
+        if (!has_bit(needed, n)) continue;
+        st[n] = load_stat(a.stats, B, n, b);
+        if (plan.square_temperature) sq[n] = square_factor(st[n]);
       }
-      finalize_nodes(plan, needed, raw, st, r1, rT);
-      make_coefficients<MAXM>(plan, correct, grad_losses, inv_b, coef);
       for (int t = 0; t < M; ++t) {
         if (!has_bit(plan.target_mask, t))
-          std::memset(static_cast<void*>(grad + (t * B + b) * C), 0, sizeof(S) * C);
+          std::memset(static_cast<void*>(a.grad.row(t, b, C)), 0, sizeof(S) * C);
       }
       if (!plan.target_mask) continue;
+      make_coefficients<MAXM>(plan, correct, a.grad_losses, inv_b, a.progress, coef);
       for_chunks<L>(C, [&](const Chunk& k) KTG_LAMBDA_INLINE {
-        if (!cache.e1) load_shifted(z, B, C, b, k, plan, needed, st, u);
-        chunk_probs(plan, st, u, kd_nodes, plan.label_mask, cache, rT, r1, k, pT, p1);
+        load_shifted(a.z, a.limit, b, k, plan, needed, st, u);
+        class_probs<MAXM>(plan, st, sq, u, kd_nodes, plan.label_mask, pT, p1);
         const V delta(iota + static_cast<Int>(k.c) == static_cast<Int>(yb) ? R{} + A(1) : R{});
         class_grads_edges<MAXM>(plan, coef, pT, p1, delta, g);
         for (int t = 0; t < M; ++t) {
           if (!has_bit(plan.target_mask, t)) continue;
-          S* p = grad + (t * B + b) * C + k.c;
+          S* p = a.grad.row(t, b, C) + k.c;
           if (k.rem == L) {
             store_full<S, A, W>(p, g[t]);
           } else {
@@ -603,74 +632,59 @@ Isa cpu_isa() {
   return isa;
 }
 
-#define KTG_FORWARD_ARGS(S, A)                                                               \
-  const S *z, const int64_t *y, int64_t B, int64_t C, const Plan &plan, A *stats,        \
-      A *per_sample, A *scratch, int64_t b0, int64_t b1
-#define KTG_BACKWARD_ARGS(S, A)                                                              \
-  const A *grad_losses, const S *z, const int64_t *y, const A *stats, int64_t B,         \
-      int64_t C, const Plan &plan, S *grad, A *scratch, int64_t b0, int64_t b1
-
 template <class S, class A, int W>
-KTG_HD void forward_impl(KTG_FORWARD_ARGS(S, A)) {
+KTG_HD void forward_impl(const ForwardArgs<S, A>& a, A* scratch, int64_t b0, int64_t b1) {
   using K = CpuKernel<S, A, W>;
-  K::forward_range(z, y, B, C, plan, stats, per_sample, K::make_cache(scratch, plan, C), b0, b1);
+  K::forward_range(a, K::make_cache(scratch, a.C), b0, b1);
 }
 
 template <class S, class A, int W>
-KTG_HD void backward_impl(KTG_BACKWARD_ARGS(S, A)) {
-  using K = CpuKernel<S, A, W>;
-  K::backward_range(grad_losses, z, y, stats, B, C, plan, grad, K::make_cache(scratch, plan, C),
-                    b0, b1);
+KTG_HD void backward_impl(const BackwardArgs<S, A>& a, int64_t b0, int64_t b1) {
+  CpuKernel<S, A, W>::backward_range(a, b0, b1);
 }
 
 // Non-template entry points, one per dtype and ISA, and their dispatchers.
 #if KTG_MULTI_ISA
-#define KTG_DEFINE_RANGES(S, A)                                                            \
-  KTG_TARGET_AVX512 void forward_avx512(KTG_FORWARD_ARGS(S, A)) {                                \
-    forward_impl<S, A, 64>(z, y, B, C, plan, stats, per_sample, scratch, b0, b1);          \
-  }                                                                                        \
-  KTG_TARGET_AVX2 void forward_avx2(KTG_FORWARD_ARGS(S, A)) {                                    \
-    forward_impl<S, A, 32>(z, y, B, C, plan, stats, per_sample, scratch, b0, b1);          \
-  }                                                                                        \
-  void forward_base(KTG_FORWARD_ARGS(S, A)) {                                                    \
-    forward_impl<S, A, 16>(z, y, B, C, plan, stats, per_sample, scratch, b0, b1);          \
-  }                                                                                        \
-  void forward_range(KTG_FORWARD_ARGS(S, A)) {                                                   \
-    switch (cpu_isa()) {                                                                   \
-      case Isa::kAvx512:                                                                   \
-        return forward_avx512(z, y, B, C, plan, stats, per_sample, scratch, b0, b1);       \
-      case Isa::kAvx2:                                                                     \
-        return forward_avx2(z, y, B, C, plan, stats, per_sample, scratch, b0, b1);         \
-      default:                                                                             \
-        return forward_base(z, y, B, C, plan, stats, per_sample, scratch, b0, b1);         \
-    }                                                                                      \
-  }                                                                                        \
-  KTG_TARGET_AVX512 void backward_avx512(KTG_BACKWARD_ARGS(S, A)) {                              \
-    backward_impl<S, A, 64>(grad_losses, z, y, stats, B, C, plan, grad, scratch, b0, b1);  \
-  }                                                                                        \
-  KTG_TARGET_AVX2 void backward_avx2(KTG_BACKWARD_ARGS(S, A)) {                                  \
-    backward_impl<S, A, 32>(grad_losses, z, y, stats, B, C, plan, grad, scratch, b0, b1);  \
-  }                                                                                        \
-  void backward_base(KTG_BACKWARD_ARGS(S, A)) {                                                  \
-    backward_impl<S, A, 16>(grad_losses, z, y, stats, B, C, plan, grad, scratch, b0, b1);  \
-  }                                                                                        \
-  void backward_range(KTG_BACKWARD_ARGS(S, A)) {                                                 \
-    switch (cpu_isa()) {                                                                   \
-      case Isa::kAvx512:                                                                   \
-        return backward_avx512(grad_losses, z, y, stats, B, C, plan, grad, scratch, b0, b1); \
-      case Isa::kAvx2:                                                                     \
-        return backward_avx2(grad_losses, z, y, stats, B, C, plan, grad, scratch, b0, b1); \
-      default:                                                                             \
-        return backward_base(grad_losses, z, y, stats, B, C, plan, grad, scratch, b0, b1); \
-    }                                                                                      \
+#define KTG_DEFINE_RANGES(S, A)                                                                 \
+  KTG_TARGET_AVX512 void forward_avx512(const ForwardArgs<S, A>& a, A* s, int64_t b0, int64_t b1) { \
+    forward_impl<S, A, 64>(a, s, b0, b1);                                                       \
+  }                                                                                             \
+  KTG_TARGET_AVX2 void forward_avx2(const ForwardArgs<S, A>& a, A* s, int64_t b0, int64_t b1) {     \
+    forward_impl<S, A, 32>(a, s, b0, b1);                                                       \
+  }                                                                                             \
+  void forward_base(const ForwardArgs<S, A>& a, A* s, int64_t b0, int64_t b1) {                     \
+    forward_impl<S, A, 16>(a, s, b0, b1);                                                       \
+  }                                                                                             \
+  void forward_range(const ForwardArgs<S, A>& a, A* s, int64_t b0, int64_t b1) {                    \
+    switch (cpu_isa()) {                                                                        \
+      case Isa::kAvx512: return forward_avx512(a, s, b0, b1);                                   \
+      case Isa::kAvx2: return forward_avx2(a, s, b0, b1);                                       \
+      default: return forward_base(a, s, b0, b1);                                               \
+    }                                                                                           \
+  }                                                                                             \
+  KTG_TARGET_AVX512 void backward_avx512(const BackwardArgs<S, A>& a, int64_t b0, int64_t b1) {     \
+    backward_impl<S, A, 64>(a, b0, b1);                                                         \
+  }                                                                                             \
+  KTG_TARGET_AVX2 void backward_avx2(const BackwardArgs<S, A>& a, int64_t b0, int64_t b1) {         \
+    backward_impl<S, A, 32>(a, b0, b1);                                                         \
+  }                                                                                             \
+  void backward_base(const BackwardArgs<S, A>& a, int64_t b0, int64_t b1) {                         \
+    backward_impl<S, A, 16>(a, b0, b1);                                                         \
+  }                                                                                             \
+  void backward_range(const BackwardArgs<S, A>& a, int64_t b0, int64_t b1) {                        \
+    switch (cpu_isa()) {                                                                        \
+      case Isa::kAvx512: return backward_avx512(a, b0, b1);                                     \
+      case Isa::kAvx2: return backward_avx2(a, b0, b1);                                         \
+      default: return backward_base(a, b0, b1);                                                 \
+    }                                                                                           \
   }
 #else
-#define KTG_DEFINE_RANGES(S, A)                                                            \
-  void forward_range(KTG_FORWARD_ARGS(S, A)) {                                                   \
-    forward_impl<S, A, 16>(z, y, B, C, plan, stats, per_sample, scratch, b0, b1);          \
-  }                                                                                        \
-  void backward_range(KTG_BACKWARD_ARGS(S, A)) {                                                 \
-    backward_impl<S, A, 16>(grad_losses, z, y, stats, B, C, plan, grad, scratch, b0, b1);  \
+#define KTG_DEFINE_RANGES(S, A)                                                                 \
+  void forward_range(const ForwardArgs<S, A>& a, A* s, int64_t b0, int64_t b1) {                    \
+    forward_impl<S, A, 16>(a, s, b0, b1);                                                       \
+  }                                                                                             \
+  void backward_range(const BackwardArgs<S, A>& a, int64_t b0, int64_t b1) {                        \
+    backward_impl<S, A, 16>(a, b0, b1);                                                         \
   }
 #endif
 
@@ -683,34 +697,99 @@ template <class S>
 using acc_of = typename std::conditional<std::is_same<S, double>::value, double, float>::type;
 
 // ---------------------------------------------------------------------------------
-// Argument checking (shared with the CUDA backend through ktg_loss.h).
+// Argument checking (shared with the CUDA backend through ktg_loss.h). The messages are
+// those of timm_dcl/ops/inputs.py, so the fused op and the reference raise alike.
 // ---------------------------------------------------------------------------------
 at::ScalarType accumulate_type(at::ScalarType logits_type) {
   return logits_type == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-Plan check_forward_args(const at::Tensor& logits, const at::Tensor& labels, c10::IntArrayRef gates,
-                        double temperature, double progress, const char* op) {
-  TORCH_CHECK_VALUE(logits.dim() == 3, op, ": logits must be a 3-D tensor [M, B, C], got shape ",
-                    logits.sizes());
-  const auto dtype = logits.scalar_type();
-  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
-                       dtype == at::kBFloat16,
-                   op, ": logits must be float16, bfloat16, float32 or float64, got ", dtype);
-  const int64_t M = logits.size(0), B = logits.size(1), C = logits.size(2);
-  TORCH_CHECK_VALUE(M >= 1, op, ": logits have no nodes (M = 0)");
-  TORCH_CHECK_VALUE(B >= 1, op, ": logits have an empty batch (B = 0)");
-  TORCH_CHECK_VALUE(C >= 1, op, ": logits have no classes (C = 0)");
+namespace {
+
+// A shape as Python prints a tuple: (3, 4), (3,).
+std::string py_shape(c10::IntArrayRef sizes) {
+  std::string s = "(";
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    if (i) s += ", ";
+    s += std::to_string(sizes[i]);
+  }
+  return s + (sizes.size() == 1 ? ",)" : ")");
+}
+
+std::string py_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kLong: return "torch.int64";
+    case at::kInt: return "torch.int32";
+    case at::kShort: return "torch.int16";
+    case at::kChar: return "torch.int8";
+    case at::kByte: return "torch.uint8";
+    case at::kBool: return "torch.bool";
+    default: return std::string("torch.") + c10::toString(t);
+  }
+}
+
+bool is_float_logits(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+}  // namespace
+
+Call prepare_call(at::TensorList logits, const at::Tensor& labels, c10::IntArrayRef gates,
+                  double temperature, double progress,
+                  const std::optional<at::Tensor>& progress_tensor, const char* op) {
+  TORCH_CHECK_TYPE(!logits.empty(),
+                   "logits must be a tensor [M, B, C] or a non-empty sequence of M tensors [B, C]");
+  Call call;
+  const at::Tensor& first = logits[0];
+  call.stacked = logits.size() == 1 && first.dim() == 3;
+  if (call.stacked) {
+    call.M = first.size(0);
+    call.B = first.size(1);
+    call.C = first.size(2);
+  } else {
+    call.M = static_cast<int64_t>(logits.size());
+    for (size_t n = 0; n < logits.size(); ++n) {
+      const at::Tensor& zn = logits[n];
+      TORCH_CHECK_VALUE(zn.dim() == 2, "logits[", n, "] must be [B, C], got shape ", py_shape(zn.sizes()));
+      if (n == 0) continue;
+      if (zn.sizes() != first.sizes()) {
+        TORCH_CHECK_VALUE(false, zn.size(0) != first.size(0) ? "batch sizes" : "class counts",
+                          " differ: logits[0] is ", py_shape(first.sizes()), " but logits[", n, "] is ",
+                          py_shape(zn.sizes()));
+      }
+      TORCH_CHECK_VALUE(zn.device() == first.device(), "logits[", n, "] is on ", zn.device(),
+                        " but logits[0] is on ", first.device());
+      TORCH_CHECK_TYPE(zn.scalar_type() == first.scalar_type(), "logits[", n, "] is ",
+                       py_dtype(zn.scalar_type()), " but logits[0] is ", py_dtype(first.scalar_type()),
+                       "; use one dtype");
+    }
+    call.B = first.size(0);
+    call.C = first.size(1);
+  }
+  const int64_t M = call.M, B = call.B, C = call.C;
+  TORCH_CHECK_TYPE(is_float_logits(first.scalar_type()),
+                   "logits must be float16, bfloat16, float32 or float64, got ", py_dtype(first.scalar_type()));
+  TORCH_CHECK_VALUE(M >= 1, "logits have no nodes (M = 0)");
+  TORCH_CHECK_VALUE(B >= 1, "logits have an empty batch (B = 0)");
+  TORCH_CHECK_VALUE(C >= 1, "logits have no classes (C = 0)");
   TORCH_CHECK_VALUE(M <= kMaxNodes, op, ": the fused kernels support at most ", kMaxNodes,
                     " nodes, got M = ", M);
   TORCH_CHECK_VALUE(B <= INT32_MAX && C <= INT32_MAX, op,
                     ": batch size and class count must be below 2^31, got B = ", B, ", C = ", C);
-  TORCH_CHECK_TYPE(labels.scalar_type() == at::kLong, op, ": labels must be int64, got ",
-                   labels.scalar_type());
-  TORCH_CHECK_VALUE(labels.dim() == 1 && labels.size(0) == B, op, ": labels must be [B] with B = ",
-                    B, " (the logits' batch), got shape ", labels.sizes());
-  TORCH_CHECK_VALUE(labels.device() == logits.device(), op, ": labels are on ", labels.device(),
-                    " but logits are on ", logits.device());
+
+  const auto ltype = labels.scalar_type();
+  TORCH_CHECK_TYPE(!at::isFloatingType(ltype) && !at::isComplexType(ltype) && ltype != at::kBool,
+                   "labels must be an integer tensor (int64), got ", py_dtype(ltype));
+  TORCH_CHECK_VALUE(labels.dim() == 1 && labels.size(0) == B, "labels must be [B] with B = ", B,
+                    " (the logits' batch), got shape ", py_shape(labels.sizes()));
+  TORCH_CHECK_VALUE(labels.device() == first.device(), "labels are on ", labels.device(),
+                    " but logits are on ", first.device());
+  call.labels = ltype == at::kLong ? labels.contiguous() : labels.to(at::kLong).contiguous();
+
   TORCH_CHECK_VALUE(static_cast<int64_t>(gates.size()) == M * M, op, ": gates must hold M*M = ",
                     M * M, " codes (row-major, gates[t*M + s] = edge s -> t), got ", gates.size());
   for (int64_t i = 0; i < M * M; ++i) {
@@ -718,84 +797,162 @@ Plan check_forward_args(const at::Tensor& logits, const at::Tensor& labels, c10:
                       " of the edge ", i % M, " -> ", i / M,
                       " is not 0 (through), 1 (cutoff), 2 (linear) or 3 (correct)");
   }
-  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0, op,
-                    ": temperature must be a finite number > 0, got ", temperature);
-  TORCH_CHECK_VALUE(std::isfinite(progress), op, ": progress must be finite, got ", progress);
-  return make_plan(gates.data(), static_cast<int>(M), temperature, progress);
+  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0,
+                    "temperature must be a finite number > 0, got ", temperature);
+  if (progress_tensor.has_value() && progress_tensor->defined()) {
+    const at::Tensor& p = *progress_tensor;
+    TORCH_CHECK_VALUE(p.numel() == 1 && p.dim() <= 1,
+                      "progress must be a number or a tensor of one element, got shape ", py_shape(p.sizes()));
+    TORCH_CHECK_TYPE(at::isFloatingType(p.scalar_type()), "progress must be a floating tensor, got ",
+                     py_dtype(p.scalar_type()));
+    TORCH_CHECK_VALUE(p.device() == first.device() || p.device().is_cpu(), "progress is on ", p.device(),
+                      " but logits are on ", first.device(), " (use the logits' device or the CPU)");
+    TORCH_CHECK_TYPE(p.device().is_cpu() || p.scalar_type() == at::kFloat || p.scalar_type() == at::kDouble,
+                     "a progress tensor on ", p.device(), " must be float32 or float64, got ",
+                     py_dtype(p.scalar_type()));
+  } else {
+    TORCH_CHECK_VALUE(std::isfinite(progress), "progress must be finite (k/K in [0, 1]), got ", progress);
+  }
+
+  // Rows must have unit stride along the classes; anything else is copied once here.
+  if (call.stacked) {
+    const at::Tensor z = first.stride(2) == 1 || C == 1 ? first : first.contiguous();
+    call.rows.push_back(z);
+    for (int64_t n = 0; n < M; ++n) {
+      call.node_offset[n] = n * z.stride(0);
+      call.row_stride[n] = z.stride(1);
+    }
+  } else {
+    call.rows.reserve(M);
+    for (int64_t n = 0; n < M; ++n) {
+      const at::Tensor& zn = logits[n];
+      call.rows.push_back(zn.stride(1) == 1 || C == 1 ? zn : zn.contiguous());
+      call.node_offset[n] = 0;
+      call.row_stride[n] = call.rows[n].stride(0);
+    }
+  }
+  call.plan = make_plan(gates.data(), static_cast<int>(M), temperature);
+  return call;
 }
 
-Plan check_backward_args(const at::Tensor& grad_losses, const at::Tensor& logits,
-                         const at::Tensor& labels, const at::Tensor& stats, c10::IntArrayRef gates,
-                         double temperature, double progress, const char* op) {
-  Plan plan = check_forward_args(logits, labels, gates, temperature, progress, op);
-  const int64_t M = logits.size(0), B = logits.size(1);
-  TORCH_CHECK_VALUE(grad_losses.dim() == 1 && grad_losses.size(0) == M, op,
-                    ": grad_losses must be [M] with M = ", M, ", got shape ", grad_losses.sizes());
+Progress resolve_progress(double progress, const std::optional<at::Tensor>& progress_tensor,
+                          const c10::Device& device) {
+  Progress p{progress, nullptr, false};
+  if (!progress_tensor.has_value() || !progress_tensor->defined()) return p;
+  const at::Tensor& t = *progress_tensor;
+  if (t.device() != device) {  // a CPU scalar for a GPU kernel: read it here, no sync needed
+    p.value = t.item<double>();
+    return p;
+  }
+  if (t.scalar_type() != at::kDouble && t.scalar_type() != at::kFloat) {
+    p.value = t.item<double>();  // CPU only: prepare_call refuses other dtypes on a GPU
+    return p;
+  }
+  p.ptr = t.const_data_ptr();
+  p.is_double = t.scalar_type() == at::kDouble;
+  return p;
+}
+
+void check_backward_extras(const Call& call, const at::Tensor& grad_losses, const at::Tensor& stats,
+                           at::ScalarType logits_type, const c10::Device& device, const char* op) {
+  TORCH_CHECK_VALUE(grad_losses.dim() == 1 && grad_losses.size(0) == call.M, op,
+                    ": grad_losses must be [M] with M = ", call.M, ", got shape ", grad_losses.sizes());
   TORCH_CHECK_TYPE(at::isFloatingType(grad_losses.scalar_type()), op,
                    ": grad_losses must be a floating tensor, got ", grad_losses.scalar_type());
-  TORCH_CHECK_VALUE(grad_losses.device() == logits.device(), op, ": grad_losses are on ",
-                    grad_losses.device(), " but logits are on ", logits.device());
-  TORCH_CHECK_VALUE(stats.dim() == 3 && stats.size(0) == M && stats.size(1) == B &&
-                        stats.size(2) == 3,
-                    op, ": stats must be [M, B, 3] = [", M, ", ", B, ", 3], got shape ",
-                    stats.sizes());
-  const auto acc = accumulate_type(logits.scalar_type());
-  TORCH_CHECK_TYPE(stats.scalar_type() == acc, op, ": stats must be ", acc, " for ",
-                   logits.scalar_type(), " logits, got ", stats.scalar_type());
-  TORCH_CHECK_VALUE(stats.device() == logits.device(), op, ": stats are on ", stats.device(),
-                    " but logits are on ", logits.device());
-  return plan;
+  TORCH_CHECK_VALUE(grad_losses.device() == device, op, ": grad_losses are on ", grad_losses.device(),
+                    " but logits are on ", device);
+  TORCH_CHECK_VALUE(stats.dim() == 3 && stats.size(0) == call.M && stats.size(1) == call.B &&
+                        stats.size(2) == kStatCols,
+                    op, ": stats must be [M, B, ", static_cast<int>(kStatCols), "] = [", call.M, ", ",
+                    call.B, ", ", static_cast<int>(kStatCols), "], got shape ", stats.sizes());
+  const auto acc = accumulate_type(logits_type);
+  TORCH_CHECK_TYPE(stats.scalar_type() == acc, op, ": stats must be ", acc, " for ", logits_type,
+                   " logits, got ", stats.scalar_type());
+  TORCH_CHECK_VALUE(stats.device() == device, op, ": stats are on ", stats.device(),
+                    " but logits are on ", device);
+}
+
+std::vector<at::Tensor> make_grads(const Call& call, const at::TensorOptions& options) {
+  std::vector<at::Tensor> grads;
+  if (call.stacked) {
+    grads.push_back(at::empty({call.M, call.B, call.C}, options));
+  } else {
+    grads.reserve(call.M);
+    for (int64_t n = 0; n < call.M; ++n) grads.push_back(at::empty({call.B, call.C}, options));
+  }
+  return grads;
 }
 
 namespace {
 
 // On the CPU a bad label is an error (the CUDA kernels cannot raise; they give NaN).
 void check_label_range(const at::Tensor& labels, int64_t C, const char* op) {
-  const int64_t* y = labels.data_ptr<int64_t>();
+  const int64_t* y = labels.const_data_ptr<int64_t>();
   for (int64_t b = 0; b < labels.numel(); ++b) {
     TORCH_CHECK_INDEX(y[b] >= 0 && y[b] < C, op, ": label ", y[b], " of sample ", b,
                       " is outside [0, C) with C = ", C);
   }
 }
 
-// Per-thread scratch for the kernels' exp cache, grown once and reused across calls.
-template <class A>
-A* thread_scratch(int64_t n) {
+// Per-thread buffers grown once and reused across calls: the forward's exp cache and
+// per-sample losses cost no allocation per step.
+template <class A, int Slot>
+A* thread_buffer(int64_t n) {
   if (n == 0) return nullptr;
   static thread_local std::vector<A> buffer;
   if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(n);
   return buffer.data();
 }
 
+// Samples per task. Below about 32k logits per task a thread's start-up costs more than
+// its share of the work, so small calls run on the calling thread alone.
 int64_t grain_size(int64_t M, int64_t C) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, M * C));
 }
 
-std::tuple<at::Tensor, at::Tensor> ktg_loss_forward_cpu(const at::Tensor& logits_in,
+const at::Tensor& logits_of(at::TensorList logits) { return logits[0]; }
+
+// The end of each node's storage, for the kernels' whole-vector reads of short rows.
+template <class S>
+void row_limits(const Call& call, const S** limit) {
+  for (int64_t n = 0; n < call.M; ++n) {
+    const at::Tensor& t = call.rows[call.stacked ? 0 : n];
+    const auto& storage = t.storage();
+    limit[n] = reinterpret_cast<const S*>(static_cast<const char*>(storage.data()) + storage.nbytes());
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> ktg_loss_forward_cpu(at::TensorList logits,
                                                         const at::Tensor& labels_in,
                                                         c10::IntArrayRef gates, double temperature,
-                                                        double progress) {
+                                                        double progress,
+                                                        const std::optional<at::Tensor>& progress_tensor) {
   const char* op = "timm_dcl::ktg_loss_forward";
-  const Plan plan = check_forward_args(logits_in, labels_in, gates, temperature, progress, op);
-  const at::Tensor logits = logits_in.contiguous();
-  const at::Tensor labels = labels_in.contiguous();
-  const int64_t M = logits.size(0), B = logits.size(1), C = logits.size(2);
-  check_label_range(labels, C, op);
-  const auto acc_opts = logits.options().dtype(accumulate_type(logits.scalar_type()));
+  const Call call = prepare_call(logits, labels_in, gates, temperature, progress, progress_tensor, op);
+  const int64_t M = call.M, B = call.B, C = call.C;
+  check_label_range(call.labels, C, op);
+  const at::Tensor& z0 = logits_of(logits);
+  const Progress prog = resolve_progress(progress, progress_tensor, z0.device());
+  const auto acc_opts = z0.options().dtype(accumulate_type(z0.scalar_type()));
   at::Tensor losses = at::empty({M}, acc_opts);
-  at::Tensor stats = at::empty({M, B, 3}, acc_opts);
-  at::Tensor per_sample = at::empty({B, M}, acc_opts);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "ktg_loss_forward_cpu", [&] {
+  at::Tensor stats = at::empty({M, B, kStatCols}, acc_opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z0.scalar_type(), "ktg_loss_forward_cpu", [&] {
     using acc_t = acc_of<scalar_t>;
-    const scalar_t* z = logits.data_ptr<scalar_t>();
-    const int64_t* y = labels.data_ptr<int64_t>();
-    acc_t* st = stats.data_ptr<acc_t>();
-    acc_t* ps = per_sample.data_ptr<acc_t>();
-    const int64_t scratch = CpuKernel<scalar_t, acc_t, 16>::scratch_size(plan, C);
-    at::parallel_for(0, B, grain_size(M, C), [&](int64_t b0, int64_t b1) {
-      forward_range(z, y, B, C, plan, st, ps, thread_scratch<acc_t>(scratch), b0, b1);
-    });
-    acc_t* out = losses.data_ptr<acc_t>();
+    acc_t* ps = thread_buffer<acc_t, 0>(B * M);
+    ForwardArgs<scalar_t, acc_t> args{call.node_rows<scalar_t>(), {}, call.labels.const_data_ptr<int64_t>(),
+                                      B, C, &call.plan, stats.mutable_data_ptr<acc_t>(), ps,
+                                      prog.load<acc_t>()};
+    row_limits(call, args.limit);
+    const int64_t scratch = CpuKernel<scalar_t, acc_t, 16>::scratch_size(call.plan, C);
+    const int64_t grain = grain_size(M, C);
+    if (B <= grain) {
+      forward_range(args, thread_buffer<acc_t, 1>(scratch), 0, B);
+    } else {
+      at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
+        forward_range(args, thread_buffer<acc_t, 1>(scratch), b0, b1);
+      });
+    }
+    acc_t* out = losses.mutable_data_ptr<acc_t>();
     for (int64_t t = 0; t < M; ++t) {
       double sum = 0.0;  // fixed order: bit-identical for any thread count
       for (int64_t b = 0; b < B; ++b) sum += static_cast<double>(ps[b * M + t]);
@@ -805,33 +962,137 @@ std::tuple<at::Tensor, at::Tensor> ktg_loss_forward_cpu(const at::Tensor& logits
   return std::make_tuple(losses, stats);
 }
 
-at::Tensor ktg_loss_backward_cpu(const at::Tensor& grad_losses_in, const at::Tensor& logits_in,
-                                 const at::Tensor& labels_in, const at::Tensor& stats_in,
-                                 c10::IntArrayRef gates, double temperature, double progress) {
+std::vector<at::Tensor> ktg_loss_backward_cpu(const at::Tensor& grad_losses_in, at::TensorList logits,
+                                              const at::Tensor& labels_in, const at::Tensor& stats_in,
+                                              c10::IntArrayRef gates, double temperature, double progress,
+                                              const std::optional<at::Tensor>& progress_tensor) {
   const char* op = "timm_dcl::ktg_loss_backward";
-  const Plan plan = check_backward_args(grad_losses_in, logits_in, labels_in, stats_in, gates,
-                                        temperature, progress, op);
-  const at::Tensor logits = logits_in.contiguous();
-  const at::Tensor labels = labels_in.contiguous();
+  const Call call = prepare_call(logits, labels_in, gates, temperature, progress, progress_tensor, op);
+  const at::Tensor& z0 = logits_of(logits);
+  check_backward_extras(call, grad_losses_in, stats_in, z0.scalar_type(), z0.device(), op);
+  const int64_t M = call.M, B = call.B, C = call.C;
+  check_label_range(call.labels, C, op);
+  const Progress prog = resolve_progress(progress, progress_tensor, z0.device());
+  const auto acc = accumulate_type(z0.scalar_type());
+  // Read in place with its stride (the backward of losses.sum() hands over a stride-0 view).
+  const at::Tensor grad_losses = grad_losses_in.scalar_type() == acc ? grad_losses_in : grad_losses_in.to(acc);
   const at::Tensor stats = stats_in.contiguous();
-  const int64_t M = logits.size(0), B = logits.size(1), C = logits.size(2);
-  check_label_range(labels, C, op);
-  const at::Tensor grad_losses =
-      grad_losses_in.to(accumulate_type(logits.scalar_type())).contiguous();
-  at::Tensor grad = at::empty({M, B, C}, logits.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "ktg_loss_backward_cpu", [&] {
+  std::vector<at::Tensor> grads = make_grads(call, z0.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z0.scalar_type(), "ktg_loss_backward_cpu", [&] {
     using acc_t = acc_of<scalar_t>;
-    const acc_t* gl = grad_losses.data_ptr<acc_t>();
-    const scalar_t* z = logits.data_ptr<scalar_t>();
-    const int64_t* y = labels.data_ptr<int64_t>();
-    const acc_t* st = stats.data_ptr<acc_t>();
-    scalar_t* gz = grad.data_ptr<scalar_t>();
-    const int64_t scratch = CpuKernel<scalar_t, acc_t, 16>::scratch_size(plan, C);
-    at::parallel_for(0, B, grain_size(M, C), [&](int64_t b0, int64_t b1) {
-      backward_range(gl, z, y, st, B, C, plan, gz, thread_scratch<acc_t>(scratch), b0, b1);
-    });
+    BackwardArgs<scalar_t, acc_t> args{
+        StridedVec<acc_t>{grad_losses.const_data_ptr<acc_t>(), grad_losses.stride(0)},
+        call.node_rows<scalar_t>(), {}, call.labels.const_data_ptr<int64_t>(), stats.const_data_ptr<acc_t>(),
+        B, C, &call.plan, grad_rows<scalar_t>(call, grads), prog.load<acc_t>()};
+    row_limits(call, args.limit);
+    const int64_t grain = grain_size(M, C);
+    if (B <= grain) {
+      backward_range(args, 0, B);
+    } else {
+      at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) { backward_range(args, b0, b1); });
+    }
   });
-  return grad;
+  return grads;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------
+// The public op timm_dcl::ktg_loss and its autograd, in C++: a training step pays no
+// Python between the forward and the backward kernel.
+// ---------------------------------------------------------------------------------
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+const c10::TypedOperatorHandle<std::tuple<at::Tensor, at::Tensor>(
+    at::TensorList, const at::Tensor&, c10::IntArrayRef, double, double, const std::optional<at::Tensor>&)>&
+forward_op() {
+  static const auto handle = c10::Dispatcher::singleton()
+                                 .findSchemaOrThrow("timm_dcl::ktg_loss_forward", "")
+                                 .typed<std::tuple<at::Tensor, at::Tensor>(
+                                     at::TensorList, const at::Tensor&, c10::IntArrayRef, double, double,
+                                     const std::optional<at::Tensor>&)>();
+  return handle;
+}
+
+const c10::TypedOperatorHandle<std::vector<at::Tensor>(
+    const at::Tensor&, at::TensorList, const at::Tensor&, const at::Tensor&, c10::IntArrayRef, double, double,
+    const std::optional<at::Tensor>&)>&
+backward_op() {
+  static const auto handle =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("timm_dcl::ktg_loss_backward", "")
+          .typed<std::vector<at::Tensor>(const at::Tensor&, at::TensorList, const at::Tensor&, const at::Tensor&,
+                                         c10::IntArrayRef, double, double, const std::optional<at::Tensor>&)>();
+  return handle;
+}
+
+// Number of non-logits arguments of ktg_loss (labels, gates, temperature, progress,
+// progress_tensor): the backward returns no gradient for them.
+constexpr int kNonLogitsArgs = 5;
+
+class KtgLossFunction : public torch::autograd::Function<KtgLossFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, at::TensorList logits, const at::Tensor& labels,
+                            c10::IntArrayRef gates, double temperature, double progress,
+                            const std::optional<at::Tensor>& progress_tensor) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto out = forward_op().call(logits, labels, gates, temperature, progress, progress_tensor);
+    variable_list saved(logits.begin(), logits.end());
+    saved.push_back(labels);
+    saved.push_back(std::get<1>(out));
+    const bool has_pt = progress_tensor.has_value() && progress_tensor->defined();
+    if (has_pt) saved.push_back(*progress_tensor);
+    ctx->save_for_backward(std::move(saved));
+    ctx->saved_data["gates"] = gates;
+    ctx->saved_data["temperature"] = temperature;
+    ctx->saved_data["progress"] = progress;
+    ctx->saved_data["n"] = static_cast<int64_t>(logits.size());
+    ctx->saved_data["has_pt"] = has_pt;
+    return std::get<0>(out);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const int64_t n = ctx->saved_data["n"].toInt();
+    const bool has_pt = ctx->saved_data["has_pt"].toBool();
+    variable_list saved = ctx->get_saved_variables();
+    const std::vector<at::Tensor> logits(saved.begin(), saved.begin() + n);
+    std::optional<at::Tensor> pt;
+    if (has_pt) pt = saved[n + 2];
+    const std::vector<int64_t> gates = ctx->saved_data["gates"].toIntVector();
+    std::vector<at::Tensor> grads = backward_op().call(
+        grad_outputs[0], logits, saved[n], saved[n + 1], gates, ctx->saved_data["temperature"].toDouble(),
+        ctx->saved_data["progress"].toDouble(), pt);
+    variable_list out(grads.begin(), grads.end());
+    out.resize(out.size() + kNonLogitsArgs);  // labels, gates, temperature, progress, progress_tensor
+    return out;
+  }
+};
+
+// Validated labels: the kernels take int64.
+at::Tensor validated_labels(at::TensorList logits, const at::Tensor& labels, c10::IntArrayRef gates,
+                            double temperature, double progress,
+                            const std::optional<at::Tensor>& progress_tensor) {
+  return prepare_call(logits, labels, gates, temperature, progress, progress_tensor, "timm_dcl::ktg_loss").labels;
+}
+
+at::Tensor ktg_loss_autograd(at::TensorList logits, const at::Tensor& labels, c10::IntArrayRef gates,
+                             double temperature, double progress,
+                             const std::optional<at::Tensor>& progress_tensor) {
+  // Checked here, above the kernels, so that bad input (logits on two devices, say)
+  // gets its message before the dispatcher picks a kernel for it.
+  const at::Tensor y = validated_labels(logits, labels, gates, temperature, progress, progress_tensor);
+  return KtgLossFunction::apply(logits, y, gates, temperature, progress, progress_tensor);
+}
+
+// Below autograd (inference mode, or tracing without gradients): the forward alone.
+at::Tensor ktg_loss_no_grad(at::TensorList logits, const at::Tensor& labels, c10::IntArrayRef gates,
+                            double temperature, double progress,
+                            const std::optional<at::Tensor>& progress_tensor) {
+  const at::Tensor y = validated_labels(logits, labels, gates, temperature, progress, progress_tensor);
+  return std::get<0>(forward_op().call(logits, y, gates, temperature, progress, progress_tensor));
 }
 
 }  // namespace
@@ -839,11 +1100,22 @@ at::Tensor ktg_loss_backward_cpu(const at::Tensor& grad_losses_in, const at::Ten
 
 TORCH_LIBRARY(timm_dcl, m) {
   m.def(
-      "ktg_loss_forward(Tensor logits, Tensor labels, int[] gates, float temperature, "
-      "float progress) -> (Tensor, Tensor)");
+      "ktg_loss(Tensor[] logits, Tensor labels, int[] gates, float temperature=1.0, "
+      "float progress=1.0, Tensor? progress_tensor=None) -> Tensor");
   m.def(
-      "ktg_loss_backward(Tensor grad_losses, Tensor logits, Tensor labels, Tensor stats, "
-      "int[] gates, float temperature, float progress) -> Tensor");
+      "ktg_loss_forward(Tensor[] logits, Tensor labels, int[] gates, float temperature, "
+      "float progress, Tensor? progress_tensor) -> (Tensor, Tensor)");
+  m.def(
+      "ktg_loss_backward(Tensor grad_losses, Tensor[] logits, Tensor labels, Tensor stats, "
+      "int[] gates, float temperature, float progress, Tensor? progress_tensor) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(timm_dcl, Autograd, m) {
+  m.impl("ktg_loss", &ktg::ktg_loss_autograd);
+}
+
+TORCH_LIBRARY_IMPL(timm_dcl, CompositeExplicitAutograd, m) {
+  m.impl("ktg_loss", &ktg::ktg_loss_no_grad);
 }
 
 TORCH_LIBRARY_IMPL(timm_dcl, CPU, m) {

@@ -11,10 +11,14 @@
 //   ls1 = log Σ_c exp(z_c − mx),   lsT = log Σ_c exp((z_c − mx)/T).
 // Then logsumexp(z) = mx + ls1 and logsumexp(z/T) = mx/T + lsT. Keeping (mx, ls) apart
 // instead of their sum matters in float32: for logits of 1e4 the sum would round to a
-// multiple of 1e-3 and the softmax rebuilt from it would lose three digits. With
-// u_c = z_c − mx the probabilities are exp(u_c/T − lsT), and
+// multiple of 1e-3 and the softmax rebuilt from it would lose three digits. The forward
+// stores the three unrounded (see kStatCols), so the backward makes one pass over the
+// logits. With u_c = z_c − mx the probabilities are exp(u_c/T − lsT), and
 //   T²·KL(p_s || q_t) = T·Σ_c p_s,c (u_s,c − u_t,c) + T²·(lsT_t − lsT_s)
 // where the logits are subtracted before they are weighted and both terms stay small.
+//
+// Exponentials: one per logit and node where T = 1 (exp(u) serves both softmaxes), and
+// at T = 2 (exp(u) = exp(u/2)²); two (exp(u), exp(u/T)) for other T, never more.
 #pragma once
 
 #include <cmath>
@@ -42,26 +46,29 @@ constexpr int kMaxNodes = 16;
 // Gate codes: the ABI of timm_dcl/gates.py (Gate IntEnum). Change both or neither.
 enum GateCode : int { kThrough = 0, kCutoff = 1, kLinear = 2, kCorrect = 3, kNumGateCodes = 4 };
 
-KTG_HD double gate_weight(int code, double progress) {
-  return code == kCutoff ? 0.0 : (code == kLinear ? progress : 1.0);
-}
+// Columns of the forward's per-node, per-sample statistics [M, B, kStatCols], kept for
+// the backward: max, log Σ exp(z − max), log Σ exp((z − max)/T), and 1 if argmax = label.
+enum StatCol : int { kStatMax = 0, kStatLs1 = 1, kStatLsT = 2, kStatCorrect = 3, kStatCols = 4 };
 
 KTG_HD bool has_bit(uint32_t mask, int i) { return (mask >> i) & 1u; }
 
-// The decoded gate matrix of one call. Plain data: it is passed by value to the CUDA
-// kernels (about 2.7 KB of kernel parameters).
+// The decoded gate matrix of one graph. It holds no gate weights: cutoff edges are
+// simply absent, through and correct weigh 1, and linear edges weigh `progress`, which
+// the kernels read per call (possibly from device memory), so one plan serves every
+// step. Plain data, passed by value to the CUDA kernels.
 struct Plan {
   int M;
   double temperature;
   double inv_temperature;
   bool unit_temperature;          // T == 1: the tempered and plain softmax coincide
+  bool square_temperature;        // T == 2: exp(u) = exp(u/T)²
   uint32_t label_mask;            // bit t: the label edge into t is open
   uint32_t kd_in[kMaxNodes];      // bit s of kd_in[t]: the knowledge edge s→t (s≠t) is open
   uint32_t correct_in[kMaxNodes]; // bit s of correct_in[t]: that edge is a correct gate
+  uint32_t linear_in[kMaxNodes];  // bit s of linear_in[t]: the edge s→t (s = t: label) is linear
   uint32_t source_mask;           // nodes that teach through at least one open edge
   uint32_t kd_target_mask;        // nodes that learn through at least one open knowledge edge
   uint32_t target_mask;           // nodes with at least one open incoming edge
-  double weight[kMaxNodes][kMaxNodes];  // weight[t][s]: gate weight, 0 for cutoff
   // The open knowledge edges as a compact list ordered by target, then source: edge e
   // goes edge_src[e] → edge_tgt[e]; the edges into t are [edge_begin[t], edge_begin[t+1]).
   // The CPU loops over it; the GPU uses the masks with unrolled loops instead, because a
@@ -72,21 +79,28 @@ struct Plan {
   uint8_t edge_begin[kMaxNodes + 1];
 };
 
+// Weight of the open edge s → t (s = t: the label edge).
+template <class A>
+KTG_HD A edge_weight(const Plan& p, int t, int s, A progress) {
+  return has_bit(p.linear_in[t], s) ? progress : A(1);
+}
+
 // codes: M*M gate codes, row-major, codes[t*M + s] = gate of the edge s → t. The caller
 // has validated M ≤ kMaxNodes, the codes and the temperature.
-inline Plan make_plan(const int64_t* codes, int M, double temperature, double progress) {
+inline Plan make_plan(const int64_t* codes, int M, double temperature) {
   Plan p;
   std::memset(&p, 0, sizeof(p));
   p.M = M;
   p.temperature = temperature;
   p.inv_temperature = 1.0 / temperature;
   p.unit_temperature = temperature == 1.0;
+  p.square_temperature = temperature == 2.0;
   for (int t = 0; t < M; ++t) {
     for (int s = 0; s < M; ++s) {
       const int code = static_cast<int>(codes[t * M + s]);
-      p.weight[t][s] = gate_weight(code, progress);
       if (code == kCutoff) continue;
       p.target_mask |= 1u << t;
+      if (code == kLinear) p.linear_in[t] |= 1u << s;
       if (s == t) {
         p.label_mask |= 1u << t;  // "correct" on the diagonal is "through": the label is right
       } else {
@@ -109,6 +123,47 @@ inline Plan make_plan(const int64_t* codes, int M, double temperature, double pr
   p.edge_begin[M] = static_cast<uint8_t>(p.num_edges);
   return p;
 }
+
+// The logits of the M nodes without stacking them: node n's row of sample b is the C
+// contiguous values at row(n, b). Covers one [M, B, C] tensor (any strides of the first
+// two dimensions) and M separate [B, C] tensors alike.
+template <class S>
+struct NodeRows {
+  const S* ptr[kMaxNodes];
+  int64_t stride[kMaxNodes];  // elements between samples
+  KTG_HD const S* row(int n, int64_t b) const { return ptr[n] + b * stride[n]; }
+};
+
+// The gradient rows: node n's row of sample b is the C values at ptr[n] + b * C.
+template <class S>
+struct GradRows {
+  S* ptr[kMaxNodes];
+  KTG_HD S* row(int n, int64_t b, int64_t C) const { return ptr[n] + b * C; }
+};
+
+// The weight of linear gates, k/K: a value, or a 0-d tensor the kernel reads itself (so
+// a compiled training step can feed a new value every call, and a CUDA kernel can read
+// it from device memory without a synchronisation).
+struct Progress {
+  double value;
+  const void* ptr;  // when set: a float64 (is_double) or float32 scalar, read instead
+  bool is_double;
+  template <class A>
+  KTG_HD A load() const {
+    if (!ptr) return static_cast<A>(value);
+    return is_double ? static_cast<A>(*static_cast<const double*>(ptr))
+                     : static_cast<A>(*static_cast<const float*>(ptr));
+  }
+};
+
+// grad_losses [M] as autograd hands it over: possibly strided (the stride-0 expansion
+// that the backward of losses.sum() produces), read in place instead of copied.
+template <class A>
+struct StridedVec {
+  const A* ptr;
+  int64_t stride;
+  KTG_HD A operator[](int i) const { return ptr[i * stride]; }
+};
 
 // ---------------------------------------------------------------------------------
 // exp / log. float: a branch-free Cephes-style exp (Cody–Waite reduction, degree-6
@@ -184,10 +239,31 @@ struct NodeStat {
   A lsT;  // log Σ exp((z − mx)/T)
 };
 
+// The statistics the forward stored for node n of sample b (stats: [M, B, kStatCols]).
+template <class A>
+KTG_HD NodeStat<A> load_stat(const A* stats, int64_t B, int n, int64_t b) {
+  const A* sp = stats + (n * B + b) * kStatCols;
+  NodeStat<A> st;
+  st.mx = sp[kStatMax];
+  st.ls1 = sp[kStatLs1];
+  st.lsT = sp[kStatLsT];
+  return st;
+}
+
+template <class A>
+KTG_HD void store_stat(A* stats, int64_t B, int n, int64_t b, const NodeStat<A>& st, A correct) {
+  A* sp = stats + (n * B + b) * kStatCols;
+  sp[kStatMax] = st.mx;
+  sp[kStatLs1] = st.ls1;
+  sp[kStatLsT] = st.lsT;
+  sp[kStatCorrect] = correct;
+}
+
 // A running (online) max / sum-exp / first-argmax over some classes, for layouts that
 // see each class once (the GPU). `bad` collects z − z, which is NaN exactly when a
 // logit is ±inf or NaN; it is added to the logs at the end so that a non-finite logit
-// makes its node's statistics (and everything computed from them) NaN.
+// makes its node's statistics (and everything computed from them) NaN. sT is kept only
+// when T ≠ 1 (`unit` false): at T = 1 it equals s1, and each class costs one exp.
 template <class A>
 struct RunningLse {
   A m;
@@ -209,24 +285,27 @@ KTG_HD void lse_init(RunningLse<A>& r) {
 // Add class c with logit v. Classes must arrive in increasing c per accumulator so the
 // strict comparison keeps the lowest index on ties.
 template <class A>
-KTG_HD void lse_push(RunningLse<A>& r, A v, int64_t c, A inv_t) {
+KTG_HD void lse_push(RunningLse<A>& r, A v, int64_t c, A inv_t, bool unit) {
   r.bad += v - v;
-  if (v > r.m) {
-    const A d = r.m - v;  // −inf on the first finite class: exp gives 0
-    r.s1 = r.s1 * ktg_exp(d) + A(1);
-    r.sT = r.sT * ktg_exp(d * inv_t) + A(1);
+  const bool up = v > r.m;
+  // A new maximum rescales the sums by exp(m − v); otherwise the class adds exp(v − m).
+  // Either way one exp of the same argument serves the plain sum.
+  const A d = up ? r.m - v : v - r.m;  // −inf on the first finite class: exp gives 0
+  const A e = ktg_exp(d);
+  if (up) {
+    r.s1 = r.s1 * e + A(1);
+    if (!unit) r.sT = r.sT * ktg_exp(d * inv_t) + A(1);
     r.m = v;
     r.arg = c;
   } else {
-    const A d = v - r.m;
-    r.s1 += ktg_exp(d);
-    r.sT += ktg_exp(d * inv_t);
+    r.s1 += e;
+    if (!unit) r.sT += ktg_exp(d * inv_t);
   }
 }
 
 // a ← a ∪ b. Ties of the maximum keep the lower class index.
 template <class A>
-KTG_HD void lse_merge(RunningLse<A>& a, const RunningLse<A>& b, A inv_t) {
+KTG_HD void lse_merge(RunningLse<A>& a, const RunningLse<A>& b, A inv_t, bool unit) {
   a.bad += b.bad;
   if (b.arg == INT64_MAX) return;  // b saw nothing
   if (a.arg == INT64_MAX) {
@@ -237,7 +316,7 @@ KTG_HD void lse_merge(RunningLse<A>& a, const RunningLse<A>& b, A inv_t) {
   const A m = take_b ? b.m : a.m;
   const A da = a.m - m, db = b.m - m;
   a.s1 = a.s1 * ktg_exp(da) + b.s1 * ktg_exp(db);
-  a.sT = a.sT * ktg_exp(da * inv_t) + b.sT * ktg_exp(db * inv_t);
+  if (!unit) a.sT = a.sT * ktg_exp(da * inv_t) + b.sT * ktg_exp(db * inv_t);
   a.m = m;
   a.arg = take_b ? b.arg : a.arg;
 }
@@ -257,23 +336,23 @@ KTG_HD NodeStat<A> finalize_stat(A mx, A s1, A sT, A bad, bool unit_temperature)
                         unit_temperature);
 }
 
-// logsumexp(z/T), logsumexp(z): the first two columns of the stats output.
-template <class A>
-KTG_HD A lse_tempered(const NodeStat<A>& st, A inv_t) { return st.mx * inv_t + st.lsT; }
-template <class A>
-KTG_HD A lse_plain(const NodeStat<A>& st) { return st.mx + st.ls1; }
-
 // ---------------------------------------------------------------------------------
 // Per-class work. MAXM is a compile-time bound on M (kMaxNodes on the CPU, a smaller
 // bucket on the GPU so the per-node arrays live in registers); loops run to MAXM and
 // test s < M so the GPU can unroll them with constant indices.
 // ---------------------------------------------------------------------------------
 
+// exp(2·lsT − ls1) of a node at T = 2: softmax(z) = softmax(z/2)² · that, so the
+// backward needs one exp per logit for both softmaxes. It is ≥ 1 (and ≤ C).
+template <class A>
+KTG_HD A square_factor(const NodeStat<A>& st) { return ktg_exp(A(2) * st.lsT - st.ls1); }
+
 // Probabilities of one class: pT[n] = softmax(z_n/T) for nodes in t_mask, p1[n] =
-// softmax(z_n) for nodes in one_mask. u[n] = z_n − mx_n.
+// softmax(z_n) for nodes in one_mask. u[n] = z_n − mx_n; sq[n] = square_factor (read
+// only at T = 2 for nodes in both masks).
 template <int MAXM, class V, class A>
-KTG_HD void class_probs(const Plan& plan, const NodeStat<A>* st, const V* u, uint32_t t_mask,
-                        uint32_t one_mask, V* pT, V* p1) {
+KTG_HD void class_probs(const Plan& plan, const NodeStat<A>* st, const A* sq, const V* u,
+                        uint32_t t_mask, uint32_t one_mask, V* pT, V* p1) {
   const A inv_t = static_cast<A>(plan.inv_temperature);
   KTG_UNROLL
   for (int n = 0; n < MAXM; ++n) {
@@ -282,6 +361,8 @@ KTG_HD void class_probs(const Plan& plan, const NodeStat<A>* st, const V* u, uin
     if (has_bit(one_mask, n)) {
       if (plan.unit_temperature && has_bit(t_mask, n)) {
         p1[n] = pT[n];
+      } else if (plan.square_temperature && has_bit(t_mask, n)) {
+        p1[n] = pT[n] * pT[n] * sq[n];
       } else {
         p1[n] = ktg_exp(u[n] - st[n].ls1);
       }
@@ -304,6 +385,17 @@ KTG_HD void accumulate_kd(const Plan& plan, const V* u, const V* pT, V* D) {
   }
 }
 
+// The edges out of one source s only: Ds[t] += p_s · (u_s − u_t). For layouts that loop
+// over the sources at run time and keep MAXM accumulators rather than MAXM².
+template <int MAXM, class V>
+KTG_HD void accumulate_kd_from(const Plan& plan, int s, const V* u, const V& ps, V* Ds) {
+  KTG_UNROLL
+  for (int t = 0; t < MAXM; ++t) {
+    if (t >= plan.M) break;
+    if (has_bit(plan.kd_in[t], s)) Ds[t] += ps * (u[s] - u[t]);
+  }
+}
+
 // The same over the compact edge list: D[e] += p_src · (u_src − u_tgt).
 template <class V>
 KTG_HD void accumulate_kd_edges(const Plan& plan, const V* u, const V* pT, V* D) {
@@ -322,16 +414,16 @@ struct SampleCoef {
 };
 
 template <int MAXM, class A>
-KTG_HD void make_coefficients(const Plan& plan, const A* correct, const A* grad_losses, A inv_b,
-                              SampleCoef<A, MAXM>& k) {
+KTG_HD void make_coefficients(const Plan& plan, const A* correct, StridedVec<A> grad_losses,
+                              A inv_b, A progress, SampleCoef<A, MAXM>& k) {
   const A temp = static_cast<A>(plan.temperature);
   for (int t = 0; t < plan.M; ++t) {
     k.scale[t] = grad_losses[t] * inv_b;
-    k.label_w[t] = has_bit(plan.label_mask, t) ? static_cast<A>(plan.weight[t][t]) : A(0);
+    k.label_w[t] = has_bit(plan.label_mask, t) ? edge_weight(plan, t, t, progress) : A(0);
     for (int s = 0; s < plan.M; ++s) {
       A w = A(0);
       if (has_bit(plan.kd_in[t], s)) {
-        w = static_cast<A>(plan.weight[t][s]);
+        w = edge_weight(plan, t, s, progress);
         if (has_bit(plan.correct_in[t], s)) w *= correct[s];
       }
       k.kd[t][s] = temp * w;
@@ -387,15 +479,15 @@ KTG_HD void class_grads_edges(const Plan& plan, const SampleCoef<A, MAXM>& k, co
 // ---------------------------------------------------------------------------------
 template <int MAXM, class A>
 KTG_HD void sample_losses(const Plan& plan, const NodeStat<A>* st, const A* ce, const A* D,
-                          const A* correct, bool label_ok, A* out) {
+                          const A* correct, bool label_ok, A progress, A* out) {
   const A temp = static_cast<A>(plan.temperature);
   for (int t = 0; t < plan.M; ++t) {
     A acc = A(0);
-    if (has_bit(plan.label_mask, t)) acc += static_cast<A>(plan.weight[t][t]) * ce[t];
+    if (has_bit(plan.label_mask, t)) acc += edge_weight(plan, t, t, progress) * ce[t];
     for (int s = 0; s < plan.M; ++s) {
       if (!has_bit(plan.kd_in[t], s)) continue;
       const A kl = temp * D[s * MAXM + t] + temp * temp * (st[t].lsT - st[s].lsT);
-      A w = static_cast<A>(plan.weight[t][s]);
+      A w = edge_weight(plan, t, s, progress);
       if (has_bit(plan.correct_in[t], s)) w *= correct[s];
       acc += w * kl;
     }
@@ -411,23 +503,66 @@ KTG_HD A label_ce(const NodeStat<A>& st, A z_label) { return (st.mx - z_label) +
 }  // namespace ktg
 
 // ---------------------------------------------------------------------------------
-// Host-side argument checking shared by both backends (defined in ktg_loss.cpp).
+// Host side shared by both backends (defined in ktg_loss.cpp).
 // ---------------------------------------------------------------------------------
 #if defined(KTG_HOST_API)
 #include <ATen/core/Tensor.h>
 #include <c10/util/ArrayRef.h>
+#include <c10/util/Optional.h>
+
+#include <vector>
 
 namespace ktg {
 
-// Validates the forward arguments (shapes, dtypes, devices, gates, temperature) and
-// returns the decoded plan. `op` names the op in the messages.
-Plan check_forward_args(const at::Tensor& logits, const at::Tensor& labels, c10::IntArrayRef gates,
-                        double temperature, double progress, const char* op);
+// The validated arguments of one call, ready for a kernel launch.
+struct Call {
+  Plan plan;
+  int64_t M, B, C;
+  bool stacked;                         // logits came as one [M, B, C] tensor
+  std::vector<at::Tensor> rows;         // what NodeRows points into (copies where needed)
+  at::Tensor labels;                    // int64 [B], contiguous
+  int64_t row_stride[kMaxNodes];
+  int64_t node_offset[kMaxNodes];       // elements from rows[0 or n] to node n's data
+  template <class S>
+  NodeRows<S> node_rows() const {
+    NodeRows<S> r;
+    for (int64_t n = 0; n < M; ++n) {
+      const at::Tensor& t = rows[stacked ? 0 : n];
+      r.ptr[n] = static_cast<const S*>(t.const_data_ptr()) + node_offset[n];
+      r.stride[n] = row_stride[n];
+    }
+    return r;
+  }
+};
 
-// Additionally checks grad_losses [M] and stats [M, B, 3] for the backward.
-Plan check_backward_args(const at::Tensor& grad_losses, const at::Tensor& logits,
-                         const at::Tensor& labels, const at::Tensor& stats, c10::IntArrayRef gates,
-                         double temperature, double progress, const char* op);
+// Validates the arguments of ktg_loss_forward / ktg_loss_backward (the logits as one
+// [M, B, C] tensor or M tensors [B, C], labels, gates, temperature, progress) with the
+// messages of timm_dcl/ops/inputs.py, and resolves them for the kernels. `op` names the
+// op in the messages.
+Call prepare_call(at::TensorList logits, const at::Tensor& labels, c10::IntArrayRef gates,
+                  double temperature, double progress,
+                  const std::optional<at::Tensor>& progress_tensor, const char* op);
+
+// The gradient buffers of a call (one [M, B, C] tensor, or M tensors [B, C]) and their rows.
+std::vector<at::Tensor> make_grads(const Call& call, const at::TensorOptions& options);
+template <class S>
+GradRows<S> grad_rows(const Call& call, std::vector<at::Tensor>& grads) {
+  GradRows<S> g;
+  for (int64_t n = 0; n < call.M; ++n) {
+    g.ptr[n] = call.stacked ? grads[0].mutable_data_ptr<S>() + n * call.B * call.C
+                            : grads[n].mutable_data_ptr<S>();
+  }
+  return g;
+}
+
+// The progress of a call for a kernel on `device`: the value, or a pointer to the 0-d
+// tensor when it lives on that device (a CPU tensor for a CUDA kernel is read here).
+Progress resolve_progress(double progress, const std::optional<at::Tensor>& progress_tensor,
+                          const c10::Device& device);
+
+// Checks grad_losses [M] and stats [M, B, kStatCols] for the backward.
+void check_backward_extras(const Call& call, const at::Tensor& grad_losses, const at::Tensor& stats,
+                           at::ScalarType logits_type, const c10::Device& device, const char* op);
 
 // float64 for double logits, float32 otherwise.
 at::ScalarType accumulate_type(at::ScalarType logits_type);

@@ -4,18 +4,20 @@
 // Layout: one block per sample, threads strided over the classes (any C: nothing is
 // sized by C). Forward, one launch:
 //   1. every thread keeps an online max / sum-exp / first-argmax per node over its
-//      classes; a fixed-order block reduction gives each node's statistics once;
+//      classes (one exp per logit at T = 1); a fixed-order block reduction gives each
+//      node's statistics once, stored unrounded for the backward;
 //   2. a second pass over the classes accumulates Σ_c p_s (u_s − u_t) for every open
-//      knowledge edge in registers, reduced across the block in a fixed order;
+//      knowledge edge in registers, reduced across the block in a fixed order (above
+//      8 nodes one pass per source with M accumulators, not M² that would spill);
 //   3. thread 0 combines the edges into per-sample losses and writes them to a
 //      workspace; the last block to finish (integer atomic ticket after a
 //      __threadfence; the ticket is zeroed by cudaMemsetAsync before the launch) sums
 //      the workspace over the batch in a fixed order. No floating-point atomics, so the
 //      result is deterministic.
-// Backward, one launch: the same statistics pass, then each thread writes the gradient
-// of its classes for every node. The statistics are recomputed rather than read from
-// `stats` (only its correct flags are used): the stored log-sum-exp values are rounded
-// sums that would cost float32 precision for large logits.
+// Backward, one launch and one pass over the logits: each thread writes the gradient of
+// its classes for every node, from the statistics the forward stored.
+// The logits are read through M row pointers (a list of M tensors is not stacked), and
+// the progress of linear gates may be read from device memory (no host sync per step).
 // Half precision is read directly and accumulated in float32; float64 stays double.
 // A label outside [0, C) cannot raise here: it is never used as an index, and every open
 // target's loss and gradient for that sample become NaN.
@@ -53,7 +55,7 @@ __device__ __forceinline__ A warp_sum(A v) {
 }
 
 template <class A>
-__device__ __forceinline__ void warp_merge(RunningLse<A>& r, A inv_t, int lane) {
+__device__ __forceinline__ void warp_merge(RunningLse<A>& r, A inv_t, bool unit, int lane) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) {
     RunningLse<A> other;
@@ -62,7 +64,7 @@ __device__ __forceinline__ void warp_merge(RunningLse<A>& r, A inv_t, int lane) 
     other.sT = __shfl_down_sync(kFullMask, r.sT, o);
     other.bad = __shfl_down_sync(kFullMask, r.bad, o);
     other.arg = __shfl_down_sync(kFullMask, static_cast<long long>(r.arg), o);
-    if (lane + o < 32) lse_merge(r, other, inv_t);
+    if (lane + o < 32) lse_merge(r, other, inv_t, unit);
   }  // complete in lane 0
 }
 
@@ -81,14 +83,14 @@ __device__ __forceinline__ T block_sum(T v, T* s_warp) {
   return total;
 }
 
-// Statistics of the nodes in `mask` for sample b, into s_st (and first argmax, if
-// wanted). Every thread of the block must call it.
+// Statistics of every node for sample b, into s_st (and the first argmax into s_arg).
+// Every thread of the block must call it.
 template <class S, class A, int MAXM>
-__device__ __forceinline__ void sample_statistics(const S* __restrict__ z, int64_t B, int64_t C,
-                                                  int64_t b, const Plan& plan, uint32_t mask,
-                                                  RunningLse<A> (*s_lse)[MAXM],
+__device__ __forceinline__ void sample_statistics(const NodeRows<S>& z, int64_t C, int64_t b,
+                                                  const Plan& plan, RunningLse<A> (*s_lse)[MAXM],
                                                   NodeStat<A>* s_st, int64_t* s_arg) {
   const int M = plan.M;
+  const bool unit = plan.unit_temperature;
   const A inv_t = static_cast<A>(plan.inv_temperature);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   RunningLse<A> r[MAXM];
@@ -97,34 +99,102 @@ __device__ __forceinline__ void sample_statistics(const S* __restrict__ z, int64
   for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
 #pragma unroll
     for (int n = 0; n < MAXM; ++n) {
-      if (n < M && has_bit(mask, n)) {
-        lse_push(r[n], static_cast<A>(z[(n * B + b) * C + c]), c, inv_t);
-      }
+      if (n < M) lse_push(r[n], static_cast<A>(z.row(n, b)[c]), c, inv_t, unit);
     }
   }
 #pragma unroll
   for (int n = 0; n < MAXM; ++n) {
-    if (n < M && has_bit(mask, n)) {
-      warp_merge(r[n], inv_t, lane);
+    if (n < M) {
+      warp_merge(r[n], inv_t, unit, lane);
       if (lane == 0) s_lse[warp][n] = r[n];
     }
   }
   __syncthreads();
   const int n = threadIdx.x;
-  if (n < M && has_bit(mask, n)) {
+  if (n < M) {
     RunningLse<A> acc = s_lse[0][n];
-    for (int w = 1; w < nwarps; ++w) lse_merge(acc, s_lse[w][n], inv_t);
-    s_st[n] = finalize_stat(acc.m, acc.s1, acc.sT, acc.bad, plan.unit_temperature);
-    if (s_arg) s_arg[n] = acc.arg;
+    for (int w = 1; w < nwarps; ++w) lse_merge(acc, s_lse[w][n], inv_t, unit);
+    s_st[n] = finalize_stat(acc.m, acc.s1, acc.sT, acc.bad, unit);
+    s_arg[n] = acc.arg;
   }
   __syncthreads();
 }
 
+// Σ_c p_s,c (u_s,c − u_t,c) of every open knowledge edge s → t of sample b, into
+// s_D[s*MAXM + t]. Up to 8 nodes: one pass with MAXM² accumulators in registers.
+template <class S, class A, int MAXM>
+__device__ __forceinline__ void edge_sums_all(const NodeRows<S>& z, int64_t C, int64_t b,
+                                              const Plan& plan, const NodeStat<A>* s_st,
+                                              A (*s_red)[MAXM * MAXM], A* s_D) {
+  const int M = plan.M;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const uint32_t kd_nodes = plan.source_mask | plan.kd_target_mask;
+  A D[MAXM * MAXM];
+#pragma unroll
+  for (int e = 0; e < MAXM * MAXM; ++e) D[e] = A(0);
+  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
+    A u[MAXM], pT[MAXM];
+#pragma unroll
+    for (int n = 0; n < MAXM; ++n) {
+      if (n < M && has_bit(kd_nodes, n)) u[n] = static_cast<A>(z.row(n, b)[c]) - s_st[n].mx;
+    }
+    class_probs<MAXM>(plan, s_st, static_cast<const A*>(nullptr), u, plan.source_mask, 0u, pT,
+                      static_cast<A*>(nullptr));
+    accumulate_kd<MAXM>(plan, u, pT, D);
+  }
+#pragma unroll
+  for (int s = 0; s < MAXM; ++s) {
+#pragma unroll
+    for (int t = 0; t < MAXM; ++t) {
+      if (s < M && t < M && has_bit(plan.kd_in[t], s)) {
+        const A v = warp_sum(D[s * MAXM + t]);
+        if (lane == 0) s_red[warp][s * MAXM + t] = v;
+      }
+    }
+  }
+}
+
+// The same above 8 nodes: one pass per source s with MAXM accumulators (the M² of the
+// one-pass layout would spill registers to local memory).
+template <class S, class A, int MAXM>
+__device__ __forceinline__ void edge_sums_by_source(const NodeRows<S>& z, int64_t C, int64_t b,
+                                                    const Plan& plan, const NodeStat<A>* s_st,
+                                                    A (*s_red)[MAXM * MAXM]) {
+  const int M = plan.M;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const A inv_t = static_cast<A>(plan.inv_temperature);
+  for (int s = 0; s < M; ++s) {
+    if (!has_bit(plan.source_mask, s)) continue;
+    const A mx_s = s_st[s].mx, lsT_s = s_st[s].lsT;
+    A Ds[MAXM];
+#pragma unroll
+    for (int t = 0; t < MAXM; ++t) Ds[t] = A(0);
+    for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
+      const A us = static_cast<A>(z.row(s, b)[c]) - mx_s;
+      const A ps = ktg_exp(us * inv_t - lsT_s);
+#pragma unroll
+      for (int t = 0; t < MAXM; ++t) {
+        if (t < M && has_bit(plan.kd_in[t], s)) {
+          const A ut = static_cast<A>(z.row(t, b)[c]) - s_st[t].mx;
+          Ds[t] += ps * (us - ut);
+        }
+      }
+    }
+#pragma unroll
+    for (int t = 0; t < MAXM; ++t) {
+      if (t < M && has_bit(plan.kd_in[t], s)) {
+        const A v = warp_sum(Ds[t]);
+        if (lane == 0) s_red[warp][s * MAXM + t] = v;
+      }
+    }
+  }
+}
+
 template <class S, class A, int MAXM>
 __global__ void __launch_bounds__(kMaxThreads)
-ktg_forward_kernel(const S* __restrict__ z, const int64_t* __restrict__ labels, int64_t B,
-                   int64_t C, const Plan plan, A* __restrict__ stats, A* __restrict__ partial,
-                   unsigned int* __restrict__ ticket, A* __restrict__ losses) {
+ktg_forward_kernel(const NodeRows<S> z, const int64_t* __restrict__ labels, int64_t B, int64_t C,
+                   const Plan plan, const Progress progress, A* __restrict__ stats,
+                   A* __restrict__ partial, unsigned int* __restrict__ ticket, A* __restrict__ losses) {
   __shared__ RunningLse<A> s_lse[kMaxWarps][MAXM];
   __shared__ NodeStat<A> s_st[MAXM];
   __shared__ int64_t s_arg[MAXM];
@@ -136,47 +206,25 @@ ktg_forward_kernel(const S* __restrict__ z, const int64_t* __restrict__ labels, 
 
   const int M = plan.M;
   const int64_t b = blockIdx.x;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-  const A inv_t = static_cast<A>(plan.inv_temperature);
+  const int nwarps = blockDim.x >> 5;
   const int64_t y = labels[b];
   const bool label_ok = y >= 0 && y < C;
 
-  // 1. statistics of every node
-  sample_statistics<S, A, MAXM>(z, B, C, b, plan, (1u << M) - 1u, s_lse, s_st, s_arg);
+  // 1. statistics of every node, kept for the backward
+  sample_statistics<S, A, MAXM>(z, C, b, plan, s_lse, s_st, s_arg);
   if (threadIdx.x < M) {
     const int n = threadIdx.x;
     const A correct = label_ok && s_arg[n] == y ? A(1) : A(0);
     s_correct[n] = correct;
-    A* sp = stats + (n * B + b) * 3;
-    sp[0] = lse_tempered(s_st[n], inv_t);
-    sp[1] = lse_plain(s_st[n]);
-    sp[2] = correct;
+    store_stat(stats, B, n, b, s_st[n], correct);
   }
 
   // 2. Σ_c p_s,c (u_s,c − u_t,c) for the open knowledge edges
   if (plan.source_mask) {
-    const uint32_t kd_nodes = plan.source_mask | plan.kd_target_mask;
-    A D[MAXM * MAXM];
-#pragma unroll
-    for (int e = 0; e < MAXM * MAXM; ++e) D[e] = A(0);
-    for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
-      A u[MAXM], pT[MAXM];
-#pragma unroll
-      for (int n = 0; n < MAXM; ++n) {
-        if (n < M && has_bit(kd_nodes, n)) u[n] = static_cast<A>(z[(n * B + b) * C + c]) - s_st[n].mx;
-      }
-      class_probs<MAXM>(plan, s_st, u, plan.source_mask, 0u, pT, static_cast<A*>(nullptr));
-      accumulate_kd<MAXM>(plan, u, pT, D);
-    }
-#pragma unroll
-    for (int s = 0; s < MAXM; ++s) {
-#pragma unroll
-      for (int t = 0; t < MAXM; ++t) {
-        if (s < M && t < M && has_bit(plan.kd_in[t], s)) {
-          const A v = warp_sum(D[s * MAXM + t]);
-          if (lane == 0) s_red[warp][s * MAXM + t] = v;
-        }
-      }
+    if constexpr (MAXM <= 8) {
+      edge_sums_all<S, A, MAXM>(z, C, b, plan, s_st, s_red, s_D);
+    } else {
+      edge_sums_by_source<S, A, MAXM>(z, C, b, plan, s_st, s_red);
     }
     __syncthreads();
     for (int e = threadIdx.x; e < MAXM * MAXM; e += blockDim.x) {
@@ -195,10 +243,10 @@ ktg_forward_kernel(const S* __restrict__ z, const int64_t* __restrict__ labels, 
     A ce[MAXM], out[MAXM];
     for (int t = 0; t < M; ++t) {
       if (has_bit(plan.label_mask, t)) {
-        ce[t] = label_ok ? label_ce(s_st[t], static_cast<A>(z[(t * B + b) * C + y])) : quiet_nan<A>();
+        ce[t] = label_ok ? label_ce(s_st[t], static_cast<A>(z.row(t, b)[y])) : quiet_nan<A>();
       }
     }
-    sample_losses<MAXM>(plan, s_st, ce, s_D, s_correct, label_ok, out);
+    sample_losses<MAXM>(plan, s_st, ce, s_D, s_correct, label_ok, progress.load<A>(), out);
     for (int t = 0; t < M; ++t) partial[b * M + t] = out[t];
     __threadfence();  // publish the partials before taking a ticket
     s_last = atomicAdd(ticket, 1u) == gridDim.x - 1;
@@ -217,11 +265,11 @@ ktg_forward_kernel(const S* __restrict__ z, const int64_t* __restrict__ labels, 
 
 template <class S, class A, int MAXM>
 __global__ void __launch_bounds__(kMaxThreads)
-ktg_backward_kernel(const A* __restrict__ grad_losses, const S* __restrict__ z,
+ktg_backward_kernel(const StridedVec<A> grad_losses, const NodeRows<S> z,
                     const int64_t* __restrict__ labels, const A* __restrict__ stats, int64_t B,
-                    int64_t C, const Plan plan, S* __restrict__ grad) {
-  __shared__ RunningLse<A> s_lse[kMaxWarps][MAXM];
+                    int64_t C, const Plan plan, const Progress progress, const GradRows<S> grad) {
   __shared__ NodeStat<A> s_st[MAXM];
+  __shared__ A s_sq[MAXM];
   __shared__ SampleCoef<A, MAXM> s_coef;
 
   const int M = plan.M;
@@ -231,14 +279,16 @@ ktg_backward_kernel(const A* __restrict__ grad_losses, const S* __restrict__ z,
   const uint32_t kd_nodes = plan.source_mask | plan.kd_target_mask;
   const uint32_t needed = plan.target_mask | plan.source_mask;
 
-  sample_statistics<S, A, MAXM>(z, B, C, b, plan, needed, s_lse, s_st, nullptr);
+  if (threadIdx.x < M) {
+    const int n = threadIdx.x;
+    s_st[n] = load_stat(stats, B, n, b);
+    if (plan.square_temperature) s_sq[n] = square_factor(s_st[n]);
+  }
   if (threadIdx.x == 0) {
-    A correct[MAXM], g[MAXM];
-    for (int n = 0; n < M; ++n) {
-      correct[n] = stats[(n * B + b) * 3 + 2];
-      g[n] = grad_losses[n];
-    }
-    make_coefficients<MAXM>(plan, correct, g, A(1) / static_cast<A>(B), s_coef);
+    A correct[MAXM];
+    for (int n = 0; n < M; ++n) correct[n] = stats[(n * B + b) * kStatCols + kStatCorrect];
+    make_coefficients<MAXM>(plan, correct, grad_losses, A(1) / static_cast<A>(B), progress.load<A>(),
+                            s_coef);
   }
   __syncthreads();
 
@@ -247,9 +297,9 @@ ktg_backward_kernel(const A* __restrict__ grad_losses, const S* __restrict__ z,
     A u[MAXM], pT[MAXM], p1[MAXM], g[MAXM];
 #pragma unroll
     for (int n = 0; n < MAXM; ++n) {
-      if (n < M && has_bit(needed, n)) u[n] = static_cast<A>(z[(n * B + b) * C + c]) - s_st[n].mx;
+      if (n < M && has_bit(needed, n)) u[n] = static_cast<A>(z.row(n, b)[c]) - s_st[n].mx;
     }
-    class_probs<MAXM>(plan, s_st, u, kd_nodes, plan.label_mask, pT, p1);
+    class_probs<MAXM>(plan, s_st, s_sq, u, kd_nodes, plan.label_mask, pT, p1);
     const A delta = c == y ? A(1) : A(0);
     class_grads<MAXM>(plan, s_coef, pT, p1, delta, g);
 #pragma unroll
@@ -257,7 +307,7 @@ ktg_backward_kernel(const A* __restrict__ grad_losses, const S* __restrict__ z,
       if (t < M) {
         S out = static_cast<S>(A(0));
         if (has_bit(plan.target_mask, t)) out = label_ok ? static_cast<S>(g[t]) : nan_out;
-        grad[(t * B + b) * C + c] = out;
+        grad.row(t, b, C)[c] = out;
       }
     }
   }
@@ -267,28 +317,6 @@ int threads_for(int64_t C) {
   int threads = 32;
   while (threads < kMaxThreads && threads < C) threads *= 2;
   return threads;
-}
-
-template <class S, class A, int MAXM>
-void launch_forward(const at::Tensor& logits, const at::Tensor& labels, const Plan& plan,
-                    at::Tensor& stats, at::Tensor& losses, A* partial, unsigned int* ticket,
-                    cudaStream_t stream) {
-  const int64_t B = logits.size(1), C = logits.size(2);
-  ktg_forward_kernel<S, A, MAXM><<<static_cast<unsigned>(B), threads_for(C), 0, stream>>>(
-      logits.data_ptr<S>(), labels.data_ptr<int64_t>(), B, C, plan, stats.data_ptr<A>(), partial,
-      ticket, losses.data_ptr<A>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-template <class S, class A, int MAXM>
-void launch_backward(const at::Tensor& grad_losses, const at::Tensor& logits,
-                     const at::Tensor& labels, const at::Tensor& stats, const Plan& plan,
-                     at::Tensor& grad, cudaStream_t stream) {
-  const int64_t B = logits.size(1), C = logits.size(2);
-  ktg_backward_kernel<S, A, MAXM><<<static_cast<unsigned>(B), threads_for(C), 0, stream>>>(
-      grad_losses.data_ptr<A>(), logits.data_ptr<S>(), labels.data_ptr<int64_t>(),
-      stats.data_ptr<A>(), B, C, plan, grad.data_ptr<S>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // Per-node arrays live in registers, so the kernels are compiled for a few bounds on M.
@@ -303,60 +331,72 @@ void with_max_nodes(int M, F&& f) {
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> ktg_loss_forward_cuda(const at::Tensor& logits_in,
+std::tuple<at::Tensor, at::Tensor> ktg_loss_forward_cuda(at::TensorList logits,
                                                          const at::Tensor& labels_in,
-                                                         c10::IntArrayRef gates,
-                                                         double temperature, double progress) {
+                                                         c10::IntArrayRef gates, double temperature,
+                                                         double progress,
+                                                         const std::optional<at::Tensor>& progress_tensor) {
   const char* op = "timm_dcl::ktg_loss_forward";
-  const Plan plan = check_forward_args(logits_in, labels_in, gates, temperature, progress, op);
-  const c10::cuda::CUDAGuard guard(logits_in.device());
-  const at::Tensor logits = logits_in.contiguous();
-  const at::Tensor labels = labels_in.contiguous();
-  const int64_t M = logits.size(0), B = logits.size(1);
-  const auto acc_type = accumulate_type(logits.scalar_type());
-  const auto acc_opts = logits.options().dtype(acc_type);
+  const Call call = prepare_call(logits, labels_in, gates, temperature, progress, progress_tensor, op);
+  const at::Tensor& z0 = logits[0];
+  const c10::cuda::CUDAGuard guard(z0.device());
+  const Progress prog = resolve_progress(progress, progress_tensor, z0.device());
+  const int64_t M = call.M, B = call.B, C = call.C;
+  const auto acc_type = accumulate_type(z0.scalar_type());
+  const auto acc_opts = z0.options().dtype(acc_type);
   at::Tensor losses = at::empty({M}, acc_opts);
-  at::Tensor stats = at::empty({M, B, 3}, acc_opts);
+  at::Tensor stats = at::empty({M, B, kStatCols}, acc_opts);
   // Workspace: the per-sample losses [B, M], then the ticket counter.
   const int64_t acc_size = acc_type == at::kDouble ? 8 : 4;
   const int64_t ticket_offset = (B * M * acc_size + 15) / 16 * 16;
-  at::Tensor workspace = at::empty({ticket_offset + 16}, logits.options().dtype(at::kByte));
-  uint8_t* ws = workspace.data_ptr<uint8_t>();
+  at::Tensor workspace = at::empty({ticket_offset + 16}, z0.options().dtype(at::kByte));
+  uint8_t* ws = workspace.mutable_data_ptr<uint8_t>();
   unsigned int* ticket = reinterpret_cast<unsigned int*>(ws + ticket_offset);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(z0.device().index());
   C10_CUDA_CHECK(cudaMemsetAsync(ticket, 0, sizeof(unsigned int), stream));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "ktg_loss_forward_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z0.scalar_type(), "ktg_loss_forward_cuda", [&] {
     using acc_t = acc_of<scalar_t>;
-    with_max_nodes(plan.M, [&](auto maxm) {
-      launch_forward<scalar_t, acc_t, decltype(maxm)::value>(
-          logits, labels, plan, stats, losses, reinterpret_cast<acc_t*>(ws), ticket, stream);
+    with_max_nodes(call.plan.M, [&](auto maxm) {
+      ktg_forward_kernel<scalar_t, acc_t, decltype(maxm)::value>
+          <<<static_cast<unsigned>(B), threads_for(C), 0, stream>>>(
+              call.node_rows<scalar_t>(), call.labels.const_data_ptr<int64_t>(), B, C, call.plan, prog,
+              stats.mutable_data_ptr<acc_t>(), reinterpret_cast<acc_t*>(ws), ticket,
+              losses.mutable_data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
   return std::make_tuple(losses, stats);
 }
 
-at::Tensor ktg_loss_backward_cuda(const at::Tensor& grad_losses_in, const at::Tensor& logits_in,
-                                  const at::Tensor& labels_in, const at::Tensor& stats_in,
-                                  c10::IntArrayRef gates, double temperature, double progress) {
+std::vector<at::Tensor> ktg_loss_backward_cuda(const at::Tensor& grad_losses_in, at::TensorList logits,
+                                               const at::Tensor& labels_in, const at::Tensor& stats_in,
+                                               c10::IntArrayRef gates, double temperature, double progress,
+                                               const std::optional<at::Tensor>& progress_tensor) {
   const char* op = "timm_dcl::ktg_loss_backward";
-  const Plan plan = check_backward_args(grad_losses_in, logits_in, labels_in, stats_in, gates,
-                                        temperature, progress, op);
-  const c10::cuda::CUDAGuard guard(logits_in.device());
-  const at::Tensor logits = logits_in.contiguous();
-  const at::Tensor labels = labels_in.contiguous();
+  const Call call = prepare_call(logits, labels_in, gates, temperature, progress, progress_tensor, op);
+  const at::Tensor& z0 = logits[0];
+  check_backward_extras(call, grad_losses_in, stats_in, z0.scalar_type(), z0.device(), op);
+  const c10::cuda::CUDAGuard guard(z0.device());
+  const Progress prog = resolve_progress(progress, progress_tensor, z0.device());
+  const int64_t B = call.B, C = call.C;
+  const auto acc = accumulate_type(z0.scalar_type());
+  // Read in place with its stride (the backward of losses.sum() hands over a stride-0 view).
+  const at::Tensor grad_losses = grad_losses_in.scalar_type() == acc ? grad_losses_in : grad_losses_in.to(acc);
   const at::Tensor stats = stats_in.contiguous();
-  const at::Tensor grad_losses =
-      grad_losses_in.to(accumulate_type(logits.scalar_type())).contiguous();
-  at::Tensor grad = at::empty(logits.sizes(), logits.options());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "ktg_loss_backward_cuda", [&] {
+  std::vector<at::Tensor> grads = make_grads(call, z0.options());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(z0.device().index());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z0.scalar_type(), "ktg_loss_backward_cuda", [&] {
     using acc_t = acc_of<scalar_t>;
-    with_max_nodes(plan.M, [&](auto maxm) {
-      launch_backward<scalar_t, acc_t, decltype(maxm)::value>(grad_losses, logits, labels, stats,
-                                                              plan, grad, stream);
+    with_max_nodes(call.plan.M, [&](auto maxm) {
+      ktg_backward_kernel<scalar_t, acc_t, decltype(maxm)::value>
+          <<<static_cast<unsigned>(B), threads_for(C), 0, stream>>>(
+              StridedVec<acc_t>{grad_losses.const_data_ptr<acc_t>(), grad_losses.stride(0)},
+              call.node_rows<scalar_t>(), call.labels.const_data_ptr<int64_t>(), stats.const_data_ptr<acc_t>(),
+              B, C, call.plan, prog, grad_rows<scalar_t>(call, grads));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
-  return grad;
+  return grads;
 }
 
 }  // namespace

@@ -183,6 +183,7 @@ def _ops_registered() -> bool:
     import torch
 
     try:
+        torch.ops.timm_dcl.ktg_loss  # noqa: B018  (absent from libraries of an older layout)
         torch.ops.timm_dcl.ktg_loss_forward  # noqa: B018
         torch.ops.timm_dcl.ktg_loss_backward  # noqa: B018
     except (AttributeError, RuntimeError):
