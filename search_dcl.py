@@ -161,12 +161,10 @@ def _search(args: argparse.Namespace, worker) -> int:
             tqdm.write(message, file=sys.stdout)
 
     def load_data(val_size: int):
-        from timm_dcl.data import build_data
+        from timm_dcl.trainer import build_run_data
 
         try:
-            return build_data(cfg.dataset, data_dir=cfg.data_dir, train_subset=cfg.train_subset,
-                              eval_subset=cfg.eval_subset, val_size=val_size, seed=cfg.seed,
-                              num_workers=cfg.workers)
+            return build_run_data(cfg, args.target_model, val_size=val_size)
         except (ValueError, FileNotFoundError, OSError, RuntimeError, KeyError) as e:  # DatasetUnavailableError…
             raise _DataError(f"--dataset {cfg.dataset}: {e}") from None
 

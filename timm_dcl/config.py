@@ -186,6 +186,14 @@ def check_dataset_name(name: str) -> str:
                      f"with a prefix ({', '.join(p + '<name>' for p in DATASET_PREFIXES)}), got {name!r}")
 
 
+#: The fields that decide what a run learns (data split and recipe): runs or trials that
+#: differ in one of them are not comparable (the search's study settings, its report runs).
+RECIPE_FIELDS = ("train_subset", "val_size", "img_size", "input_size", "crop_pct", "in_memory", "epochs", "batch_size",
+                 "opt", "lr", "momentum", "nesterov", "weight_decay", "opt_filter_bias_bn", "clip_grad", "clip_mode",
+                 "sched", "sched_on_updates", "decay_milestones", "decay_epochs", "decay_rate", "warmup_epochs",
+                 "warmup_lr", "min_lr", "seed")
+
+
 # The flags: defined in timm_dcl.cli, importable from here as they always were.
 from .cli import (HelpFormatter, add_data_args, add_graph_args, add_train_args,  # noqa: E402
                   graph_from_args, parse_model_kwargs)

@@ -36,22 +36,22 @@ def _pretrained_cfg(model_name: str):
         return None
 
 
-def resolve_input_size(cfg: TrainConfig, graph) -> tuple[int, int, int]:
+def resolve_input_size(cfg: TrainConfig, target_model: str) -> tuple[int, int, int]:
     """``--img-size``/``--input-size``, else the data's own size, else node 0's pretrained_cfg."""
     requested = cfg.requested_input_size
     if requested is not None:
         return requested
     if cfg.dataset in DATASETS:
         return NATIVE_INPUT_SIZES[cfg.dataset]
-    pc = _pretrained_cfg(graph.nodes[0].model)
+    pc = _pretrained_cfg(target_model)
     if pc is not None and getattr(pc, "input_size", None):
         return tuple(int(v) for v in pc.input_size)  # type: ignore[return-value]
     return (3, 224, 224)  # timm's default when a model declares nothing
 
 
-def resolve_eval_crop(cfg: TrainConfig, graph) -> tuple[Optional[float], str]:
+def resolve_eval_crop(cfg: TrainConfig, target_model: str) -> tuple[Optional[float], str]:
     """Evaluation crop fraction and interpolation: the flag, else node 0's pretrained_cfg."""
-    pc = _pretrained_cfg(graph.nodes[0].model)
+    pc = _pretrained_cfg(target_model)
     crop = cfg.crop_pct if cfg.crop_pct is not None else (getattr(pc, "crop_pct", None) if pc else None)
     interpolation = (getattr(pc, "interpolation", None) if pc else None) or "bilinear"
     return crop, interpolation

@@ -26,7 +26,7 @@ from .recipe import GateClock, NodeOptimizers, build_node_optimizer, build_sched
 from .recipe import lr_at_epoch  # noqa: F401  (part of this module's API since the first release)
 from . import run_files
 
-__all__ = ["train_graph", "GraphTrainer", "TrainResult", "lr_at_epoch"]
+__all__ = ["train_graph", "GraphTrainer", "TrainResult", "lr_at_epoch", "build_run_data"]
 
 STATE_FORMAT = "timm_dcl.train.v1"
 EpochCallback = Callable[[dict], None]
@@ -75,7 +75,8 @@ class GraphTrainer:
         graph.check_models()
         self._check_rows()
         check_optimizer_names(graph, cfg)
-        self.input_size = tuple(data.input_size) if data is not None else resolve_input_size(cfg, graph)
+        target = graph.nodes[0].model
+        self.input_size = tuple(data.input_size) if data is not None else resolve_input_size(cfg, target)
         check_models_run(graph, self.input_size)
 
         if accelerator is None:
@@ -132,17 +133,8 @@ class GraphTrainer:
         return {"log_with": self.cfg.log_with, "project_dir": str(self.output)}
 
     def _load_data(self):
-        from .data import build_data
-
-        cfg, acc = self.cfg, self.accelerator
-        crop_pct, interpolation = resolve_eval_crop(cfg, self.graph)
-        with acc.main_process_first():
-            return build_data(cfg.dataset, data_dir=cfg.data_dir, train_subset=cfg.train_subset,
-                              eval_subset=cfg.eval_subset, val_size=cfg.val_size, seed=cfg.seed,
-                              num_workers=cfg.workers, in_memory=cfg.in_memory, input_size=self.input_size,
-                              crop_pct=crop_pct, interpolation=interpolation, train_split=cfg.train_split,
-                              val_split=cfg.val_split, image_column=cfg.image_column,
-                              label_column=cfg.label_column)
+        with self.accelerator.main_process_first():
+            return build_run_data(self.cfg, self.graph.nodes[0].model)
 
     def _check_rows(self) -> None:
         m = self.graph.num_nodes
@@ -481,6 +473,20 @@ class GraphTrainer:
             save_node_weights(self.output / "nodes" / node_weights_name(n.index, n.spec.model), n.raw,
                               model_name=n.spec.model, model_kwargs=n.spec.model_kwargs,
                               num_classes=self.num_classes, dataset=self.cfg.dataset, top1=top1)
+
+
+def build_run_data(cfg: TrainConfig, target_model: str, *, val_size: Optional[int] = None):
+    """The data of a run: ``cfg``'s data set at the run's input size (``--img-size``, the data's
+    own, or node 0's pretrained_cfg), with node 0's evaluation crop unless ``--crop-pct`` says."""
+    from .data import build_data
+
+    crop_pct, interpolation = resolve_eval_crop(cfg, target_model)
+    return build_data(cfg.dataset, data_dir=cfg.data_dir, train_subset=cfg.train_subset,
+                      eval_subset=cfg.eval_subset, val_size=cfg.val_size if val_size is None else val_size,
+                      seed=cfg.seed, num_workers=cfg.workers, in_memory=cfg.in_memory,
+                      input_size=resolve_input_size(cfg, target_model), crop_pct=crop_pct,
+                      interpolation=interpolation, train_split=cfg.train_split, val_split=cfg.val_split,
+                      image_column=cfg.image_column, label_column=cfg.label_column)
 
 
 def train_graph(graph: Graph, cfg: TrainConfig, *, data=None, accelerator=None,

@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import optuna
 
+from ..config import RECIPE_FIELDS
 from .plots import plot_report
 from .space import CanonicalGraph, SearchSpace
 from .summary import atomic_write_text, top_trials
@@ -34,8 +35,7 @@ from .summary import atomic_write_text, top_trials
 __all__ = ["ReportSettings", "ReportGraph", "report_graphs", "run_report"]
 
 #: Settings of a finished run that must match the report's, or its result is not comparable.
-RECIPE_KEYS = ("dataset", "train_subset", "eval_subset", "val_size", "eval_split", "epochs", "batch_size", "lr",
-               "momentum", "nesterov", "weight_decay", "sched", "decay_milestones", "decay_rate", "seed")
+RECIPE_KEYS = ("dataset", "eval_subset", "eval_split") + RECIPE_FIELDS
 
 
 @dataclass(frozen=True)

@@ -289,7 +289,6 @@ def open_study(storage: BaseStorage, study_name: str, settings: dict[str, Any], 
 
 def search_settings(space: SearchSpace, cfg, *, min_resource: int, reduction_factor: int) -> dict[str, Any]:
     """Everything that makes trials comparable: the space, the data split, the recipe, ASHA."""
-    keys = ("train_subset", "val_size", "epochs", "batch_size", "lr", "momentum", "nesterov", "weight_decay",
-            "sched", "decay_milestones", "decay_rate", "seed")
-    return {**space.settings(), **{k: getattr(cfg, k) for k in keys},
+    from ..config import RECIPE_FIELDS
+    return {**space.settings(), **{k: getattr(cfg, k) for k in RECIPE_FIELDS},
             "min_resource": min_resource, "reduction_factor": reduction_factor}
