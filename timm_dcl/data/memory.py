@@ -298,8 +298,11 @@ class InMemoryEvalLoader:
     def __init__(self, data: ImageData, batch_size: int = 256, *, num_shards: int = 1, shard_index: int = 0,
                  device: Union[str, torch.device, None] = None):
         check_sharding(len(data), batch_size, num_shards, shard_index)
-        take = torch.arange(shard_index, len(data), num_shards)
-        self.images, self.labels = data.images[take], data.labels[take]
+        if num_shards == 1:  # no copy of the split
+            self.images, self.labels = data.images, data.labels
+        else:
+            take = torch.arange(shard_index, len(data), num_shards)
+            self.images, self.labels = data.images[take], data.labels[take]
         if device is not None:
             self.images, self.labels = self.images.to(device), self.labels.to(device)
         self.batch_size = int(batch_size)
