@@ -230,3 +230,21 @@ def test_error_bad_options(tiny_image_folder):
         s.eval_loader("val")
     with pytest.raises(ValueError, match="use train_loader"):
         s.eval_loader("train")
+
+
+def test_describe_data_reads_no_pixels(tiny_image_folder, tiny_parquet_renamed, shared_data, tmp_path, monkeypatch):
+    from timm_dcl.data import describe_data
+    from timm_dcl.data import memory
+    monkeypatch.setattr(memory, "decode_images", lambda *a, **k: pytest.fail("decoded"))
+    for kind, root in (("folder", tiny_image_folder), ("parquet", tiny_parquet_renamed)):
+        info = describe_data(kind, data_dir=root)
+        assert info.classes == tiny_wnids(shared_data) and info.num_classes == TINY_MADE_CLASSES
+        assert info.native_size == (64, 64) and (info.train_rows, info.eval_rows) == (N_TRAIN, N_VAL)
+    from PIL import Image
+    mixed = tmp_path / "mixed"
+    shutil.copytree(tiny_image_folder, mixed)
+    for path in (mixed / "val").rglob("*.JPEG"):
+        Image.open(path).convert("RGB").resize((50, 40)).save(path)
+    assert describe_data("folder", data_dir=mixed).native_size is None
+    with pytest.raises(DatasetUnavailableError, match="is not a directory"):
+        describe_data("parquet", data_dir=tmp_path / "nothing")

@@ -12,7 +12,7 @@ loaded, so ``import timm_dcl`` stays light.
 from .augment import (GPUAugment, RandomResizedCropFlip, apply_crop_flip, augment_batch, batch_train_augment,
                       default_padding, per_sample_train_transform, resized_crop_flip, sample_augment_params,
                       sample_rrc_boxes)
-from .build import DataSplits, build_data, default_memory_budget, load_dataset_split
+from .build import DataInfo, DataSplits, build_data, default_memory_budget, describe_data, load_dataset_split
 from .memory import (MIN_CACHED_ROWS, BatchLoader, ImageData, ImageTensorDataset, InMemoryEvalLoader,
                      InMemoryTrainLoader, decode_images, default_cache_dir, make_torch_dataset)
 from .normalize import Normalize, normalize
@@ -27,7 +27,7 @@ __all__ = [
     "default_padding", "sample_augment_params", "apply_crop_flip", "augment_batch", "GPUAugment",
     "normalize", "Normalize", "BatchLoader",
     "ImageTensorDataset", "make_torch_dataset", "per_sample_train_transform",
-    "default_memory_budget", "open_source", "shard_positions", "sample_rrc_boxes", "resized_crop_flip",
+    "DataInfo", "describe_data", "default_memory_budget", "open_source", "shard_positions", "sample_rrc_boxes", "resized_crop_flip",
     "RandomResizedCropFlip", "batch_train_augment", "InMemoryTrainLoader", "InMemoryEvalLoader",
     "StreamSplit", "StreamingTrainLoader", "StreamingEvalLoader",
 ]

@@ -18,7 +18,7 @@ from .splits import _check_count, balanced_subset_indices, split_train_val
 from .streaming import StreamingEvalLoader, StreamingTrainLoader, StreamSplit
 from .transforms import eval_transform, storage_transform, train_transform
 
-__all__ = ["DataSplits", "build_data", "load_dataset_split", "default_memory_budget"]
+__all__ = ["DataSplits", "DataInfo", "build_data", "describe_data", "load_dataset_split", "default_memory_budget"]
 
 #: timm's default eval crop (``timm.data.DEFAULT_CROP_PCT``), also the margin kept around the
 #: input size when training images of mixed sizes are stored in memory.
@@ -243,6 +243,34 @@ def build_data(dataset: str, *, data_dir: Optional[Union[str, os.PathLike]] = No
                          f"but the input size is {hw[0]}×{hw[1]}; pass input_size to resize them")
     return DataSplits(train=train, eval=evaluation, val=val, num_classes=num_classes, input_size=input_size,
                       classes=source.classes, num_workers=num_workers)
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What a source holds, read without decoding: for choosing models and sizes before loading."""
+    classes: list[str]
+    #: ``(H, W)`` when the probed images share one size, else None (then ``input_size`` is required)
+    native_size: Optional[tuple[int, int]]
+    train_rows: int
+    eval_rows: int
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def describe_data(dataset: str, *, data_dir: Optional[Union[str, os.PathLike]] = None, seed: int = 0,
+                  train_split: Optional[str] = None, val_split: Optional[str] = None,
+                  image_column: Optional[str] = None, label_column: Optional[str] = None) -> DataInfo:
+    """Open ``dataset`` as :func:`build_data` would (same arguments, same errors) and report its
+    classes, image size and split lengths, decoding nothing: a few image headers are read."""
+    source = open_source(dataset, data_dir=data_dir, train_split=train_split, val_split=val_split,
+                         image_column=image_column, label_column=label_column)
+    train_src, eval_src = source.splits["train"], source.splits["eval"]
+    sizes = _probe_sizes(train_src, np.arange(len(train_src)), seed) | \
+        _probe_sizes(eval_src, np.arange(len(eval_src)), seed)
+    return DataInfo(list(source.classes), next(iter(sizes)) if len(sizes) == 1 else None, len(train_src),
+                    len(eval_src))
 
 
 def load_dataset_split(dataset: str, split: str = "train", *, data_dir: Optional[Union[str, os.PathLike]] = None,
