@@ -23,7 +23,7 @@ from .streaming import StreamingEvalLoader, StreamingTrainLoader, StreamSplit
 __all__ = [
     "DATASETS", "ImageData", "DataSplits", "DatasetUnavailableError",
     "build_data", "load_dataset_split", "balanced_subset_indices", "split_train_val",
-    "decode_images", "default_cache_dir",
+    "decode_images", "default_cache_dir", "MIN_CACHED_ROWS",
     "default_padding", "sample_augment_params", "apply_crop_flip", "augment_batch", "GPUAugment",
     "normalize", "Normalize", "BatchLoader",
     "ImageTensorDataset", "make_torch_dataset", "per_sample_train_transform",
