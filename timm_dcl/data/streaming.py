@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from .memory import _default_workers
 from .sources import SourceSplit
 from .splits import _check_count, check_sharding, shard_positions
 
@@ -115,11 +116,6 @@ class _EpochSampler(Sampler):
     def __iter__(self):
         epoch = self.order.epoch
         return iter([(int(p), epoch) for p in self.order.positions(epoch)])
-
-
-def _default_workers() -> int:
-    from .memory import _default_workers as workers
-    return workers()
 
 
 def _data_loader(dataset, batch_size, sampler, workers, device, drop_last=False) -> DataLoader:
