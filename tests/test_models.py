@@ -179,8 +179,16 @@ def test_kaiming_init():
     assert torch.all(plain.weight == 1) and torch.all(plain.bias == 0)
 
 
+def _loss_and_grads(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    out = model(x)
+    # a loss whose gradient differs per logit, so every parameter gets a non-trivial gradient
+    (out * torch.linspace(-1, 1, out.shape[1])).sum().backward()
+    return out.detach(), {k: p.grad.detach().clone() for k, p in model.named_parameters()}
+
+
 @pytest.mark.parametrize("name", ["resnet20", "wrn16_2"])
-def test_channels_last_and_grad_checkpointing(name):
+def test_channels_last_matches_contiguous(name):
     model = timm.create_model(name, num_classes=10).eval()
     x = _x()
     with torch.no_grad():
@@ -190,24 +198,57 @@ def test_channels_last_and_grad_checkpointing(name):
         feats = model_cl.forward_features(x.to(memory_format=torch.channels_last))
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
     assert feats.is_contiguous(memory_format=torch.channels_last)
-    model.train()
-    model.set_grad_checkpointing(True)
-    model(x).sum().backward()
-    assert all(p.grad is not None for p in model.parameters())
 
 
 @pytest.mark.parametrize("name", ["resnet20", "wrn16_2"])
-def test_torch_compile_full_graph(name):
+def test_grad_checkpointing_recomputes_and_matches_eager(name):
+    """With checkpointing on, every block runs again in the backward pass, and the output and
+    every gradient equal those of the plain model (train mode: BatchNorm on batch statistics)."""
+    import copy
+
+    eager = timm.create_model(name, num_classes=10, zero_init_last=False) if name.startswith("resnet") \
+        else timm.create_model(name, num_classes=10)
+    eager.train()
+    ckpt = copy.deepcopy(eager)
+    ckpt.set_grad_checkpointing(True)
+    x = _x(4)
+    out_ref, grads_ref = _loss_and_grads(eager, x)
+    calls, block = [], ckpt.stages[1][0]
+    block_forward = block.forward
+
+    def counted(*args):  # not a forward hook: checkpoint's recomputation does not run those
+        calls.append(1)
+        return block_forward(*args)
+
+    block.forward = counted
+    out, grads = _loss_and_grads(ckpt, x)
+    assert len(calls) == 2  # once in the forward pass, once recomputed for the backward
+    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == grads_ref.keys()
+    for k in grads_ref:
+        assert grads_ref[k].abs().sum() > 0, k
+        torch.testing.assert_close(grads[k], grads_ref[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("name", ["resnet20", "wrn16_2"])
+def test_torch_compile_full_graph_matches_eager(name):
     # aot_eager traces forward and backward through dynamo/AOTAutograd without a C++ build:
     # fullgraph=True fails on any graph break
-    model = timm.create_model(name, num_classes=10).train()
-    x = _x()
+    import copy
+
+    eager = timm.create_model(name, num_classes=10).train()
+    model = copy.deepcopy(eager)
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
-    torch.manual_seed(0)
-    out = compiled(x)
-    out.sum().backward()
-    assert out.shape == (2, 10)
-    assert model.conv1.weight.grad is not None
+    x = _x(4)
+    out_ref, grads_ref = _loss_and_grads(eager, x)
+    out, grads = _loss_and_grads(compiled, x)
+    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-6)
+    for k in grads_ref:
+        torch.testing.assert_close(grads[k.replace("_orig_mod.", "")] if k in grads else grads["_orig_mod." + k],
+                                   grads_ref[k], rtol=1e-4, atol=1e-6, msg=k)
+    # the running statistics moved as in eager training
+    for (k, a), b in zip(eager.named_buffers(), model.buffers()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=k)
 
 
 @pytest.mark.parametrize("name", ["resnet20", "wrn16_2"])
