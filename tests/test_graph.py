@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from pathlib import Path
 
 import pytest
 
-from timm_dcl.draw import draw_graph
+from timm_dcl.draw import _FROZEN_FILL, _NODE_FILL, _TARGET_FILL, GATE_STYLES, draw_graph
 from timm_dcl.gates import Gate
 from timm_dcl.graph import Graph, Node
 
@@ -300,15 +301,63 @@ def test_draw_png_and_svg(tmp_path, make):
     assert text.lstrip().startswith("<?xml") and "<svg" in text and len(text) > 5000
 
 
-def test_draw_shows_only_non_cutoff_edges(tmp_path):
-    # more drawn edges -> more SVG path elements; cutoff edges and a cutoff label add none
-    def paths(graph):
-        return draw_graph(graph, tmp_path / "g.svg").read_text().count("<path")
+_SVG_PATH = re.compile(r'<path d="([^"]*)"( clip-path="[^"]*")? style="([^"]*)"\s*/>')
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:e-?\d+)?")
 
-    base = Graph.preset("independent", ["resnet32", "resnet32"])
-    one_edge = Graph([Node("resnet32"), Node("resnet32")], [[T, L], [C, T]])
-    both = Graph([Node("resnet32"), Node("resnet32")], [[T, L], [K, T]])
-    assert paths(base) < paths(one_edge) < paths(both)
+
+def _drawn(svg: str, m: int) -> tuple[list[str], list[tuple[str, int, int]], list[tuple[str, int]]]:
+    """What an SVG drawing shows: each node's fill (by node index, from its place on the ring:
+    node 0 at the top, then clockwise), each edge's shaft as (gate, source, target), each
+    arrowhead as (gate, node it points into). Sources and targets are the nodes nearest to
+    where a shaft starts and ends; a label edge starts at its box beside its node."""
+    fills = {_TARGET_FILL, _NODE_FILL, _FROZEN_FILL}
+    gate_of = {color: gate for gate, (color, _) in GATE_STYLES.items()}
+    circles, shafts, heads = [], [], []
+    for d, clipped, style in _SVG_PATH.findall(svg):
+        if not clipped:
+            continue  # the legend is drawn outside the axes
+        nums = [float(v) for v in _NUMBER.findall(d)]
+        points = list(zip(nums[0::2], nums[1::2]))
+        props = dict(item.split(": ", 1) for item in style.split("; "))
+        if props.get("fill") in fills:
+            xs, ys = [p[0] for p in points], [p[1] for p in points]
+            circles.append(((min(xs) + max(xs)) / 2, (min(ys) + max(ys)) / 2, props["fill"]))
+        elif props.get("fill") == "none" and props.get("stroke") in gate_of:
+            shafts.append((gate_of[props["stroke"]], points[0], points[-1]))
+        elif set(props) == {"fill"} and props["fill"] in gate_of:
+            heads.append((gate_of[props["fill"]], points[1]))  # a triangle: base, tip, base
+    assert len(circles) == m
+    cx, cy = sum(c[0] for c in circles) / m, sum(c[1] for c in circles) / m
+    index = {}
+    for x, y, fill in circles:  # SVG's y points down
+        angle = math.atan2(-(y - cy), x - cx) if m > 1 else math.pi / 2
+        index[(x, y)] = round((math.pi / 2 - angle) / (2 * math.pi / m)) % m
+    assert sorted(index.values()) == list(range(m))
+    node_fills = [fill for _, _, fill in sorted(circles, key=lambda c: index[(c[0], c[1])])]
+
+    def nearest(point):
+        return index[min(((x, y) for x, y, _ in circles), key=lambda c: math.dist(c, point))]
+
+    edges = sorted((gate, nearest(a), nearest(b)) for gate, a, b in shafts)
+    return node_fills, edges, sorted((gate, nearest(tip)) for gate, tip in heads)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: Graph([Node("resnet32")], [[T]]),
+    _dcl3,
+    _five_nodes,
+    lambda: Graph.preset("dml", ["resnet32"] * 8),
+    lambda: Graph([Node("resnet32"), Node("resnet32")], [[T, L], [C, K]]),
+])
+def test_drawing_shows_each_edge_with_its_gate_and_direction(tmp_path, make):
+    graph = make()
+    m = graph.num_nodes
+    fills, edges, heads = _drawn(draw_graph(graph, tmp_path / "g.svg").read_text(), m)
+    assert fills == [_TARGET_FILL] + [_FROZEN_FILL if n.frozen else _NODE_FILL for n in graph.nodes[1:]]
+    # every non-cutoff edge s → t once, in its gate's style, pointing into t; nothing for cutoff
+    expected = sorted((graph.gates[t][s], s, t) for t in range(m) for s in range(m) if graph.gates[t][s] != C)
+    assert edges == expected
+    assert heads == sorted((gate, t) for gate, _, t in expected)
 
 
 def test_draw_errors(tmp_path):
