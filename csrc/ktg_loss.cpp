@@ -338,7 +338,8 @@ struct CpuKernel {
   // knowledge-edge pass multiplies instead of calling exp again. nullptr: not cached
   // (very large M·C), that pass recomputes the exponentials.
   struct Cache {
-    A* eT;           // eT[n * stride + c] = exp((z_n,c − mx_n)/T)
+    A* eT;           // eT[n * stride + c] = exp((z_n,c − mx_n)/T), then softmax(z_n/T)
+    A* u;            // u[n * stride + c] = z_n,c − mx_n
     int64_t stride;  // max(C, 16) ≥ max(C, L)
   };
 
@@ -351,12 +352,14 @@ struct CpuKernel {
   // Scratch elements per thread (0: no cache, or nothing would read it).
   static int64_t scratch_size(const Plan& plan, int64_t C) {
     if (plan.num_edges == 0) return 0;
-    const int64_t n = plan.M * cache_stride(C);
+    const int64_t n = 2 * plan.M * cache_stride(C);
     return n <= kMaxScratch ? n : 0;
   }
 
-  KTG_HD static Cache make_cache(A* scratch, int64_t C) {
-    return Cache{scratch, scratch ? cache_stride(C) : 0};
+  KTG_HD static Cache make_cache(A* scratch, const Plan& plan, int64_t C) {
+    if (!scratch) return Cache{nullptr, nullptr, 0};
+    const int64_t stride = cache_stride(C);
+    return Cache{scratch, scratch + plan.M * stride, stride};
   }
 
   // The raw per-node sums, before the logarithms.
@@ -371,8 +374,8 @@ struct CpuKernel {
     return plan.unit_temperature ? kUnit : (plan.temperature == 2.0 ? kSquare : kGeneral);
   }
 
-  // Max, first argmax, then sum-exp of one node of one sample; exp(u/T) goes to eT_out
-  // when it is not null.
+  // Max, first argmax (when argmax is not null), then sum-exp of one node of one sample;
+  // exp(u/T) goes to eT_out when it is not null.
   template <int Mode>
   KTG_HD static RawStat node_sums(const S* z, const S* limit, int64_t C, A inv_t, int64_t* argmax,
                                   A* eT_out) {
@@ -387,12 +390,12 @@ struct CpuKernel {
       arg = gt ? iota + static_cast<Int>(k.c) : arg;
     });
     const A mx = hmax<A, W>(mxv);
-    {
+    if (argmax) {  // only sources of correct gates need it; the reduction is not free
       const I cand = mxv == (R{} + mx) ? arg : I{} + std::numeric_limits<Int>::max();
       const int64_t first = hmin_index<A, W>(cand);
       *argmax = first == std::numeric_limits<Int>::max() ? -1 : first;
     }
-    V s1(A(0)), sT(A(0)), bad(A(0)), s1_total(A(0)), sT_total(A(0));
+    V s1(A(0)), sT(A(0)), s1_total(A(0)), sT_total(A(0));
     int blocked = 0;
     for_chunks<L>(C, [&](const Chunk& k) KTG_LAMBDA_INLINE {
       const V v = load(z, k, mx, limit);  // padding gives u = 0, masked below
@@ -415,9 +418,11 @@ struct CpuKernel {
         e1 = e1 * valid;
         eT = eT * valid;
       }
-      s1 += e1;
-      if (Mode != kUnit) sT += eT;
-      bad += v - v;
+      // v − v is 0 for a finite logit and NaN for ±inf or NaN: added to the sums it makes
+      // the node's statistics NaN without a reduction of its own.
+      const V bad = v - v;
+      s1 += e1 + bad;
+      if (Mode != kUnit) sT += eT + bad;
       if (++blocked == kCascade) {
         s1_total += s1;
         sT_total += sT;
@@ -428,7 +433,7 @@ struct CpuKernel {
     s1_total += s1;
     sT_total += sT;
     const A S1 = hsum(s1_total);
-    return RawStat{mx, S1, Mode == kUnit ? S1 : hsum(sT_total), hsum(bad)};
+    return RawStat{mx, S1, Mode == kUnit ? S1 : hsum(sT_total), A(0)};
   }
 
   KTG_HD static RawStat sums_of(const S* z, const S* limit, int64_t C, const Plan& plan, Mode mode,
@@ -501,6 +506,61 @@ struct CpuKernel {
     }
   }
 
+  // Σ_c p_s,c (u_s,c − u_t,c) of every open knowledge edge of sample b into D[s*MAXM + t],
+  // from the cached exp(u/T). First u of the sample is written to the cache; then each source's out-edges are summed four at a time, so that the four
+  // accumulators live in registers (an array of M² accumulators indexed at run time
+  // would live in memory, each update a load and a store).
+  KTG_HD static void edge_sums_by_source(const ForwardArgs<S, A>& a, const Cache& cache, int64_t b,
+                                         const NodeStat<A>* st, const A* rT, A* D) {
+    const Plan& plan = *a.plan;
+    const int M = plan.M;
+    const int64_t C = a.C, stride = cache.stride;
+    const uint32_t kd_nodes = plan.source_mask | plan.kd_target_mask;
+    for_chunks<L>(C, [&](const Chunk& k) KTG_LAMBDA_INLINE {
+      for (int n = 0; n < M; ++n) {
+        if (!has_bit(kd_nodes, n)) continue;
+        // The moved-back last chunk rewrites some classes with the same values.
+        store_full<A, A, W>(cache.u + n * stride + k.c, load(a.z.row(n, b), k, st[n].mx, a.limit[n]) - st[n].mx);
+      }
+    });
+    for (int s = 0; s < M; ++s) {
+      if (!has_bit(plan.source_mask, s)) continue;
+      int targets[kMaxNodes];
+      int nt = 0;
+      for (int t = 0; t < M; ++t) {
+        if (has_bit(plan.kd_in[t], s)) targets[nt++] = t;
+      }
+      const A* ps_row = cache.eT + s * stride;  // exp(u_s/T); softmax = that · exp(−lsT_s)
+      const A r = rT[s];
+      const A* us_row = cache.u + s * stride;
+      for (int i = 0; i < nt; i += 4) {
+        // Missing targets of the last group point at the source itself: u_s − u_s = 0.
+        const A* ut0 = cache.u + targets[i] * stride;
+        const A* ut1 = cache.u + (i + 1 < nt ? targets[i + 1] : s) * stride;
+        const A* ut2 = cache.u + (i + 2 < nt ? targets[i + 2] : s) * stride;
+        const A* ut3 = cache.u + (i + 3 < nt ? targets[i + 3] : s) * stride;
+        V a0(A(0)), a1(A(0)), a2(A(0)), a3(A(0)), t0(A(0)), t1(A(0)), t2(A(0)), t3(A(0));
+        int blocked = 0;
+        for_chunks<L>(C, [&](const Chunk& k) KTG_LAMBDA_INLINE {
+          V ps = load_full<A, A, W>(ps_row + k.c) * r;
+          if (masked(k)) ps = ps * lane_mask<A, W>(k.skip, k.rem);
+          const V us = load_full<A, A, W>(us_row + k.c);
+          a0 += ps * (us - load_full<A, A, W>(ut0 + k.c));
+          a1 += ps * (us - load_full<A, A, W>(ut1 + k.c));
+          a2 += ps * (us - load_full<A, A, W>(ut2 + k.c));
+          a3 += ps * (us - load_full<A, A, W>(ut3 + k.c));
+          if (++blocked == kCascade) {  // cascade summation, as in node_sums
+            t0 += a0; t1 += a1; t2 += a2; t3 += a3;
+            a0 = a1 = a2 = a3 = V(A(0));
+            blocked = 0;
+          }
+        });
+        const A sums[4] = {hsum(t0 + a0), hsum(t1 + a1), hsum(t2 + a2), hsum(t3 + a3)};
+        for (int j = 0; j < 4 && i + j < nt; ++j) D[s * MAXM + targets[i + j]] = sums[j];
+      }
+    }
+  }
+
   // Statistics (stored for the backward) and per-sample losses of samples [b0, b1).
   KTG_HD static void forward_range(const ForwardArgs<S, A>& a, const Cache& cache, int64_t b0,
                                    int64_t b1) {
@@ -511,6 +571,8 @@ struct CpuKernel {
     const uint32_t kd_nodes = plan.source_mask | plan.kd_target_mask;
     const Mode mode = mode_of(plan);
     const uint32_t all = (uint32_t(1) << M) - 1u;
+    uint32_t correct_sources = 0;
+    for (int t = 0; t < M; ++t) correct_sources |= plan.correct_in[t];
     RawStat raw[kMaxNodes];
     NodeStat<A> st[kMaxNodes];
     A correct[kMaxNodes], ce[kMaxNodes], r1[kMaxNodes], rT[kMaxNodes];
@@ -520,8 +582,9 @@ struct CpuKernel {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t yb = a.y[b];
       for (int n = 0; n < M; ++n) {
-        int64_t arg;
-        raw[n] = sums_of(a.z.row(n, b), a.limit[n], C, plan, mode, &arg, cache, n);
+        int64_t arg = -1;
+        raw[n] = sums_of(a.z.row(n, b), a.limit[n], C, plan, mode,
+                         has_bit(correct_sources, n) ? &arg : nullptr, cache, n);
         correct[n] = arg == yb ? A(1) : A(0);
       }
       finalize_nodes(plan, all, raw, st, r1, rT);
@@ -529,7 +592,9 @@ struct CpuKernel {
       for (int t = 0; t < M; ++t) {
         if (has_bit(plan.label_mask, t)) ce[t] = label_ce(st[t], static_cast<A>(a.z.row(t, b)[yb]));
       }
-      if (E > 0) {
+      if (E > 0 && cache.eT) {
+        edge_sums_by_source(a, cache, b, st, rT, D);
+      } else if (E > 0) {
         for (int e = 0; e < E; ++e) Dv[e] = Dt[e] = V(A(0));
         int blocked = 0;
         for_chunks<L>(C, [&](const Chunk& k) KTG_LAMBDA_INLINE {
@@ -567,7 +632,14 @@ struct CpuKernel {
     const I iota = lane_index<A, W>();
     NodeStat<A> st[kMaxNodes];
     A correct[kMaxNodes], sq[kMaxNodes];
-    SampleCoef<A, MAXM> coef;
+    // The coefficients are the same for every sample but for the correct gates' masks:
+    // computed once, then only the correct edges are updated per sample.
+    SampleCoef<A, MAXM> base, coef;
+    for (int n = 0; n < M; ++n) correct[n] = A(1);
+    make_coefficients<MAXM>(plan, correct, a.grad_losses, inv_b, a.progress, base);
+    coef = base;
+    bool any_correct = false;
+    for (int t = 0; t < M; ++t) any_correct |= plan.correct_in[t] != 0;
     V u[kMaxNodes], pT[kMaxNodes], p1[kMaxNodes], g[kMaxNodes];
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t yb = a.y[b];
@@ -582,7 +654,14 @@ struct CpuKernel {
           std::memset(static_cast<void*>(a.grad.row(t, b, C)), 0, sizeof(S) * C);
       }
       if (!plan.target_mask) continue;
-      make_coefficients<MAXM>(plan, correct, a.grad_losses, inv_b, a.progress, coef);
+      if (any_correct) {
+        for (int t = 0; t < M; ++t) {
+          for (uint32_t m = plan.correct_in[t]; m; m &= m - 1) {
+            const int s = __builtin_ctz(m);
+            coef.kd[t][s] = base.kd[t][s] * correct[s];
+          }
+        }
+      }
       for_chunks<L>(C, [&](const Chunk& k) KTG_LAMBDA_INLINE {
         load_shifted(a.z, a.limit, b, k, plan, needed, st, u);
         class_probs<MAXM>(plan, st, sq, u, kd_nodes, plan.label_mask, pT, p1);
@@ -635,7 +714,7 @@ Isa cpu_isa() {
 template <class S, class A, int W>
 KTG_HD void forward_impl(const ForwardArgs<S, A>& a, A* scratch, int64_t b0, int64_t b1) {
   using K = CpuKernel<S, A, W>;
-  K::forward_range(a, K::make_cache(scratch, a.C), b0, b1);
+  K::forward_range(a, K::make_cache(scratch, *a.plan, a.C), b0, b1);
 }
 
 template <class S, class A, int W>

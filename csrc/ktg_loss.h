@@ -47,7 +47,9 @@ constexpr int kMaxNodes = 16;
 enum GateCode : int { kThrough = 0, kCutoff = 1, kLinear = 2, kCorrect = 3, kNumGateCodes = 4 };
 
 // Columns of the forward's per-node, per-sample statistics [M, B, kStatCols], kept for
-// the backward: max, log Σ exp(z − max), log Σ exp((z − max)/T), and 1 if argmax = label.
+// the backward: max, log Σ exp(z − max), log Σ exp((z − max)/T), and 1 if argmax = label
+// (the CPU kernel finds the argmax only of nodes that teach through a correct gate, the
+// only ones whose flag is read, and writes 0 for the others).
 enum StatCol : int { kStatMax = 0, kStatLs1 = 1, kStatLsT = 2, kStatCorrect = 3, kStatCols = 4 };
 
 KTG_HD bool has_bit(uint32_t mask, int i) { return (mask >> i) & 1u; }
