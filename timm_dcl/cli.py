@@ -99,8 +99,24 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
 
 def add_train_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("training (defaults: the paper's recipe)")
+    from .config import FROZEN_BN, RECIPES
+    g.add_argument("--recipe", default="timm-dcl", choices=RECIPES,
+                   help="timm-dcl: the project's defaults; paper: the authors' released code where it differs "
+                        "(SPEC §8): inputs in [0, 1] without mean/std, plain He init of the CIFAR networks (no "
+                        "zero-initialised last BN), lr x0.1 once the 1-based epoch reaches 30/60/90%% of --epochs "
+                        "(60, 120, 180 of 200), batch 64 with the last partial batch dropped, linear gates over "
+                        "K = (floor(N/B)+1)*epochs; flags given explicitly (--batch-size, --decay-milestones, "
+                        "--drop-last/--no-drop-last, --frozen-bn, also as --config keys) override it")
     g.add_argument("--epochs", type=int, default=200, help="training epochs")
     g.add_argument("--batch-size", "-b", type=int, default=64, help="per process")
+    g.add_argument("--drop-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="drop each epoch's last partial batch (default: the recipe's, on for --recipe paper)")
+    g.add_argument("--frozen-bn", default="eval", choices=FROZEN_BN,
+                   help="frozen nodes' BatchNorm while training: eval (running statistics, SPEC §3) or train "
+                        "(batch statistics, the running ones drift, as in the authors' code)")
+    g.add_argument("--edge-stats-every", type=int, default=10, metavar="N",
+                   help="edge diagnostics (edge loss, correct-gate kept fraction, gate weight per edge, in "
+                        "metrics.jsonl and edges.png) from every N-th training batch; 0: none")
     g.add_argument("--opt", default="sgd", metavar="NAME",
                    help="optimiser, any name timm's create_optimizer_v2 knows (sgd is SGD with Nesterov "
                         "momentum; adamw, lamb, ...)")
@@ -117,7 +133,9 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
                    help="learning-rate schedule, through timm's create_scheduler_v2")
     g.add_argument("--sched-on-updates", action="store_true", help="step the schedule every iteration, not every epoch")
     g.add_argument("--decay-milestones", type=int, nargs="+", default=None, metavar="EPOCH",
-                   help="multistep decay epochs (default: 30/60/90%% of --epochs)")
+                   help="multistep decay epochs, 0-based: the first epoch at the decayed lr (default: "
+                        "round(30/60/90%% of --epochs), 60 120 180 of 200; --recipe paper: one less, 59 119 179, "
+                        "i.e. the 1-based epochs 60, 120, 180 run decayed)")
     g.add_argument("--decay-epochs", type=float, default=None, metavar="N",
                    help="step: decay every N epochs (default: 30%% of --epochs)")
     g.add_argument("--decay-rate", type=float, default=0.1, help="multistep/step factor")

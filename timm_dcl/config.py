@@ -30,6 +30,9 @@ SCHEDULERS = ("multistep", "cosine", "step", "tanh", "poly")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 TRACKERS = ("tensorboard", "wandb", "aim", "mlflow", "all")
 RESUME_SCHEDULES = ("replan", "keep")
+# timm-dcl: the project's defaults; paper: the authors' released code where it differs (SPEC §8).
+RECIPES = ("timm-dcl", "paper")
+FROZEN_BN = ("eval", "train")
 
 
 @dataclass
@@ -51,8 +54,10 @@ class TrainConfig:
     image_column: Optional[str] = None
     label_column: Optional[str] = None
     # optimisation: timm's factories; the defaults are the paper's recipe (SPEC §4)
+    recipe: str = "timm-dcl"  # "paper": the authors' code where the project differs (SPEC §8)
     epochs: int = 200
     batch_size: int = 64
+    drop_last: Optional[bool] = None  # None: the recipe's (paper: drop the last partial batch)
     opt: str = "sgd"  # timm's name: "sgd" is SGD with Nesterov momentum
     lr: float = 0.1
     momentum: float = 0.9
@@ -63,7 +68,7 @@ class TrainConfig:
     clip_mode: str = "norm"
     sched: str = "multistep"
     sched_on_updates: bool = False
-    decay_milestones: Optional[list[int]] = None  # None: 30/60/90 % of the epochs (60, 120, 180 of 200)
+    decay_milestones: Optional[list[int]] = None  # None: the recipe's (see decay_milestones_for)
     decay_epochs: Optional[float] = None  # step: decay every N epochs (None: 30 % of the epochs)
     decay_rate: float = 0.1
     warmup_epochs: int = 0
@@ -71,7 +76,9 @@ class TrainConfig:
     min_lr: float = 0.0
     resume_schedule: str = "replan"
     seed: int = 0
+    frozen_bn: str = "eval"  # "train": frozen nodes' BatchNorm uses batch statistics, as the authors' code
     # runtime
+    edge_stats_every: int = 10  # edge diagnostics from every N-th training batch; 0: none
     mixed_precision: Optional[str] = None  # None: whatever the accelerate config says
     channels_last: Optional[bool] = None  # None: on for CPU and for mixed precision, where oneDNN/cuDNN prefer NHWC
     compile: bool = False
@@ -142,6 +149,12 @@ class TrainConfig:
             raise ValueError(f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}")
         if self.workers < 0:
             raise ValueError(f"--workers must be ≥ 0, got {self.workers}")
+        if self.recipe not in RECIPES:
+            raise ValueError(f"--recipe must be one of {', '.join(RECIPES)}, got {self.recipe!r}")
+        if self.frozen_bn not in FROZEN_BN:
+            raise ValueError(f"--frozen-bn must be eval or train, got {self.frozen_bn!r}")
+        if int(self.edge_stats_every) < 0:
+            raise ValueError(f"--edge-stats-every must be ≥ 0 (0: no edge diagnostics), got {self.edge_stats_every}")
 
     @property
     def requested_input_size(self) -> Optional[tuple[int, int, int]]:
@@ -157,10 +170,38 @@ class TrainConfig:
         return self.decay_milestones_for(self.epochs)
 
     def decay_milestones_for(self, epochs: int) -> list[int]:
-        """Multistep decay epochs (0-based: the first epoch at the decayed lr) of a run of ``epochs``."""
+        """Multistep decay epochs (0-based: the first epoch at the decayed lr) of a run of ``epochs``.
+
+        Unless ``decay_milestones`` says: 0-based round(0.3/0.6/0.9 · epochs) (60, 120, 180 of
+        200, so 1-based epoch 61 is the first at 0.01); the paper recipe decays one epoch
+        earlier, once the 1-based epoch reaches them, as the authors' code did (59, 119, 179).
+        """
         if self.decay_milestones:
             return sorted(int(m) for m in self.decay_milestones)
-        return [max(1, round(epochs * f)) for f in (0.3, 0.6, 0.9)]
+        shift = 1 if self.recipe == "paper" else 0
+        return [max(1, round(epochs * f) - shift) for f in (0.3, 0.6, 0.9)]
+
+    @property
+    def paper(self) -> bool:
+        return self.recipe == "paper"
+
+    @property
+    def drops_last_batch(self) -> bool:
+        """``drop_last`` as given, else the recipe's: the authors dropped the last partial batch."""
+        return self.paper if self.drop_last is None else bool(self.drop_last)
+
+    @property
+    def normalises_inputs(self) -> bool:
+        """The project feeds each node its own pretrained_cfg mean/std; the authors fed [0, 1]."""
+        return not self.paper
+
+    def gate_iterations(self, *, train_images: int, iterations_per_epoch: int, epochs: int) -> int:
+        """K of the linear gates' k/K: the run's iterations, so the weight ends at 1; the paper
+        recipe takes the authors' K = (⌊N/B⌋ + 1) · epochs (N: this process's training images),
+        so with the last batch dropped it ends just below 1 (SPEC §8)."""
+        if self.paper:
+            return (train_images // self.batch_size + 1) * epochs
+        return iterations_per_epoch * epochs
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, **overrides) -> "TrainConfig":
@@ -191,7 +232,7 @@ def check_dataset_name(name: str) -> str:
 RECIPE_FIELDS = ("train_subset", "val_size", "img_size", "input_size", "crop_pct", "in_memory", "epochs", "batch_size",
                  "opt", "lr", "momentum", "nesterov", "weight_decay", "opt_filter_bias_bn", "clip_grad", "clip_mode",
                  "sched", "sched_on_updates", "decay_milestones", "decay_epochs", "decay_rate", "warmup_epochs",
-                 "warmup_lr", "min_lr", "seed")
+                 "warmup_lr", "min_lr", "seed", "recipe", "drop_last", "frozen_bn")
 
 
 # The flags: defined in timm_dcl.cli, importable from here as they always were.

@@ -19,7 +19,7 @@ from .checkpoint import load_node_weights
 from .config import DATASETS, TrainConfig
 
 __all__ = ["NATIVE_INPUT_SIZES", "resolve_input_size", "resolve_eval_crop", "model_kwargs_for",
-           "check_models_run", "create_node_model", "pretrained_stats"]
+           "check_models_run", "create_node_model", "pretrained_stats", "takes_paper_init", "UNNORMALISED"]
 
 # The decoded size of the named data sets: their default input size (CIFAR 32, Tiny-ImageNet 64).
 NATIVE_INPUT_SIZES = {"cifar10": (3, 32, 32), "cifar100": (3, 32, 32), "tiny-imagenet": (3, 64, 64)}
@@ -66,6 +66,22 @@ def model_kwargs_for(spec, input_size: tuple[int, int, int]) -> dict[str, Any]:
             and tuple(pc.input_size[1:]) != tuple(input_size[1:])):
         kwargs["img_size"] = tuple(input_size[1:])
     return kwargs
+
+
+#: The networks of the paper built here, which take ``paper_init`` (the authors' initialisation).
+PAPER_INIT_MODULES = ("timm_dcl.models.cifar_resnet", "timm_dcl.models.wide_resnet")
+
+
+def takes_paper_init(model_name: str) -> bool:
+    import timm
+
+    from . import models  # noqa: F401  (registers them)
+
+    arch, _ = timm.models.split_model_name_tag(model_name)
+    try:
+        return timm.models.model_entrypoint(arch).__module__ in PAPER_INIT_MODULES
+    except (RuntimeError, KeyError):
+        return False
 
 
 def _create(spec, where: str, **kwargs) -> nn.Module:
@@ -152,10 +168,16 @@ def _from_pretrained_file(spec, path: str, *, num_classes: int, kwargs: dict, wh
 
 
 def create_node_model(spec, index: int, *, num_classes: int, input_size: tuple[int, int, int],
-                      log=print) -> nn.Module:
-    """Node ``index``'s timm model with its weights: pretrained, a checkpoint, or random."""
+                      log=print, paper_init: bool = False) -> nn.Module:
+    """Node ``index``'s timm model with its weights: pretrained, a checkpoint, or random.
+
+    ``paper_init``: the CIFAR networks of this package start from the authors' initialisation
+    (``--recipe paper``; no zero-initialised last BN), unless the node's kwargs say otherwise.
+    """
     where = f"node {index} ({spec.model})"
     kwargs = model_kwargs_for(spec, input_size)
+    if paper_init and takes_paper_init(spec.model):
+        kwargs.setdefault("paper_init", True)
     if spec.pretrained_file is not None:
         model, head_kept = _from_pretrained_file(spec, spec.pretrained_file, num_classes=num_classes,
                                                  kwargs=kwargs, where=where)
@@ -190,9 +212,16 @@ def create_node_model(spec, index: int, *, num_classes: int, input_size: tuple[i
     return model
 
 
-def pretrained_stats(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """The (mean, std) the node expects its input normalised with: its own pretrained_cfg."""
+#: (mean, std) that leave pixels in [0, 1], as the authors' code fed every node (``--recipe paper``).
+UNNORMALISED = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+
+
+def pretrained_stats(model: nn.Module, *, normalise: bool = True) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The (mean, std) the node expects its input normalised with: its own pretrained_cfg
+    (``normalise=False``: mean 0, std 1, i.e. pixels in [0, 1])."""
     from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+    if not normalise:
+        return UNNORMALISED
     cfg = getattr(model, "pretrained_cfg", None) or {}
     return tuple(cfg.get("mean", IMAGENET_DEFAULT_MEAN)), tuple(cfg.get("std", IMAGENET_DEFAULT_STD))

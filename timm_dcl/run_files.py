@@ -1,7 +1,8 @@
 """What a training run writes into its directory, apart from checkpoints.
 
 graph.json/.png/.svg, config.json (the TrainConfig), config.yaml (the command line's resolved
-flags, which ``--config`` reads back), metrics.jsonl/.csv, curves.png and summary.json.
+flags, which ``--config`` reads back), metrics.jsonl/.csv, curves.png, edges.png (the edge
+diagnostics of the last epoch) and summary.json.
 """
 from __future__ import annotations
 
@@ -62,8 +63,9 @@ def append_metrics(output: Path, record: dict, history: list[dict], labels: list
     with open(output / "metrics.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
     _write_csv(output, history, len(labels))
-    from .plots import plot_curves
+    from .plots import plot_curves, plot_edges
     plot_curves(history, labels, output / "curves.png")
+    plot_edges(history, labels, output / "edges.png")
 
 
 def _write_csv(output: Path, history: list[dict], m: int) -> None:

@@ -17,6 +17,7 @@ from torch import nn
 
 from .checkpoint import atomic_save, node_weights_name, rng_state, save_node_weights, set_rng_state
 from .config import TrainConfig
+from .edge_stats import EdgeStats
 from .gates import Gate
 from .graph import Graph
 from .nodes import (check_models_run, create_node_model, pretrained_stats, resolve_eval_crop,
@@ -47,14 +48,14 @@ class TrainResult:
 class _Node:
     """One node at run time: its module, how it sees the input, and its optimiser's index."""
 
-    def __init__(self, index: int, spec, model: nn.Module, frozen: bool):
+    def __init__(self, index: int, spec, model: nn.Module, frozen: bool, normalise: bool = True):
         self.index = index
         self.spec = spec
         self.raw = model          # unwrapped: state_dict, evaluation
         self.train_model = model  # DDP-wrapped and/or compiled for training
         self.frozen = frozen
         self.opt_index: Optional[int] = None  # its optimiser inside NodeOptimizers
-        self.norm_key = pretrained_stats(model)
+        self.norm_key = pretrained_stats(model, normalise=normalise)
 
     @property
     def label(self) -> str:
@@ -105,13 +106,15 @@ class GraphTrainer:
         on_gpu = acc.device.type != "cpu"
         self.train_loader = data.train_loader(cfg.batch_size, seed=cfg.seed, num_shards=acc.num_processes,
                                               shard_index=acc.process_index, device=acc.device if on_gpu else None,
-                                              workers=cfg.workers)
+                                              workers=cfg.workers, drop_last=cfg.drops_last_batch)
         self._eval_loaders: dict = {}
         if len(self.train_loader) == 0:
-            raise ValueError(f"the training split ({len(data.train)} images) gives no batch of "
-                             f"{cfg.batch_size} on each of {acc.num_processes} processes")
+            raise ValueError(f"the training split ({len(data.train)} images) gives no "
+                             f"{'full ' if cfg.drops_last_batch else ''}batch of {cfg.batch_size} on each of "
+                             f"{acc.num_processes} processes")
         self.planned_epochs = cfg.epochs
-        self.clock = GateClock(end_iteration=cfg.epochs * len(self.train_loader))
+        self.clock = GateClock(end_iteration=self._gate_iterations(cfg.epochs))
+        self.edge_record: dict = {}  # the last epoch's edge diagnostics (edge_stats.py)
         self._prepare()
         # Dropout, drop-path and augmentation differ between ranks: seed + rank (set_seed adds it).
         set_seed(cfg.seed, device_specific=True)
@@ -125,6 +128,15 @@ class GraphTrainer:
     @property
     def total_iterations(self) -> int:
         return self.clock.end_iteration
+
+    def _gate_iterations(self, epochs: int) -> int:
+        per_shard = len(self.data.train) // self.accelerator.num_processes
+        return self.cfg.gate_iterations(train_images=per_shard, iterations_per_epoch=len(self.train_loader),
+                                        epochs=epochs)
+
+    @property
+    def _frozen_bn_train(self) -> bool:
+        return self.cfg.frozen_bn == "train"
 
     # ----------------------------------------------------------------------------- setup
     def _tracker_kwargs(self) -> dict:
@@ -148,12 +160,12 @@ class GraphTrainer:
 
     def _build_node(self, index: int, spec) -> _Node:
         model = create_node_model(spec, index, num_classes=self.num_classes, input_size=self.input_size,
-                                  log=self.accelerator.print)
+                                  log=self.accelerator.print, paper_init=self.cfg.paper)
         if spec.frozen:
             model.eval().requires_grad_(False)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        return _Node(index, spec, model, spec.frozen)
+        return _Node(index, spec, model, spec.frozen, normalise=self.cfg.normalises_inputs)
 
     def _prepare(self) -> None:
         acc, cfg = self.accelerator, self.cfg
@@ -229,7 +241,9 @@ class GraphTrainer:
 
         acc, cfg = self.accelerator, self.cfg
         for n in self.nodes:
-            if not n.frozen:
+            # --frozen-bn train: a frozen node's BatchNorm on batch statistics (its running ones
+            # drift), as in the authors' code; it still gets no gradient and no update.
+            if not n.frozen or self._frozen_bn_train:
                 n.train_model.train()
         self.train_loader.set_epoch(epoch)
         self.scheduler.step(epoch)
@@ -239,6 +253,8 @@ class GraphTrainer:
         gen = torch.Generator(device=acc.device)
         gen.manual_seed(cfg.seed * 1_000_003 + epoch * 7919 + acc.process_index)
         loss_sum = torch.zeros(len(self.nodes), dtype=torch.float64, device=acc.device)
+        every = cfg.edge_stats_every
+        edges = EdgeStats(self.graph.gate_codes, len(self.nodes), self.graph.temperature, acc.device) if every else None
         bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True,
                    disable=not (cfg.progress_bar and acc.is_local_main_process))
         for step, (images, labels) in enumerate(bar):
@@ -246,9 +262,12 @@ class GraphTrainer:
             labels = labels.to(acc.device, non_blocking=True)
             images = self.train_loader.augment(images, gen)
             self.iteration += 1
+            progress = self.clock.progress(self.iteration)
             with acc.autocast():
                 logits = self._forward(self._inputs(images), train=True)
-                losses = self.loss_fn(logits, labels, progress=self.clock.progress(self.iteration))
+                losses = self.loss_fn(logits, labels, progress=progress)
+            if edges is not None and step % every == 0:
+                edges.add(logits, labels, progress)  # outside autocast: float32 statistics
             acc.backward(losses.sum())
             if cfg.clip_grad is not None:
                 self._clip_gradients()
@@ -260,6 +279,7 @@ class GraphTrainer:
             if step % 25 == 0 and not bar.disable:
                 bar.set_postfix_str(" ".join(f"{v:.3f}" for v in (loss_sum / (step + 1)).tolist()))
         bar.close()
+        self.edge_record = edges.record(lambda x: acc.reduce(x, reduction="sum")) if edges is not None else {}
         mean = acc.reduce(loss_sum / len(self.train_loader), reduction="mean")
         if not torch.isfinite(mean).all():
             raise FloatingPointError(f"epoch {epoch + 1}: the training loss is not finite ({mean.tolist()}); "
@@ -275,7 +295,7 @@ class GraphTrainer:
         import torch.distributed as dist
 
         for n in self.nodes:
-            if n.frozen:
+            if n.frozen and not self._frozen_bn_train:
                 continue
             for name, buf in n.raw.named_buffers():
                 if buf.is_floating_point():
@@ -338,6 +358,7 @@ class GraphTrainer:
                     "lr": lrs,
                     "time": round(time.perf_counter() - start, 3),
                     "split": cfg.eval_split,
+                    **self.edge_record,
                 }
                 self.epoch, improved = epoch + 1, top1[0] > self.best_top1
                 if improved:
@@ -389,7 +410,8 @@ class GraphTrainer:
             "num_classes": self.num_classes,
             "plan": {"epochs": self.planned_epochs, "iterations_per_epoch": len(self.train_loader),
                      "clock": self.clock.to_dict()},
-            "models": [None if n.frozen else n.raw.state_dict() for n in self.nodes],
+            # A frozen node's state only changes with --frozen-bn train (its BN statistics drift).
+            "models": [None if n.frozen and not self._frozen_bn_train else n.raw.state_dict() for n in self.nodes],
             "optimizer": self.node_optimizers.state_dict(),
             "scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler is not None else None,
             "rng": rng,
@@ -429,7 +451,7 @@ class GraphTrainer:
             raise ValueError(f"--resume: the run had {plan['iterations_per_epoch']} iterations per epoch, this one "
                              f"{len(self.train_loader)}: resume with the same data, batch size and processes")
         for n, model_state in zip(self.nodes, state["models"]):
-            if not n.frozen:
+            if model_state is not None and (not n.frozen or self._frozen_bn_train):
                 n.raw.load_state_dict(model_state)
         self.node_optimizers.load_state_dict(state["optimizer"])
         if state.get("scaler") is not None and acc.scaler is not None:
@@ -459,7 +481,7 @@ class GraphTrainer:
                       "schedule (lr and linear gates); --resume-schedule replan re-plans them")
             return
         before = self.clock.progress(self.iteration)
-        self.clock = self.clock.replanned(self.iteration, cfg.epochs * per_epoch)
+        self.clock = self.clock.replanned(self.iteration, self._gate_iterations(cfg.epochs))
         self.planned_epochs = cfg.epochs
         self.scheduler = build_scheduler(self.node_optimizers, cfg, epochs=cfg.epochs, updates_per_epoch=per_epoch)
         acc.print(f"resume: --epochs {old_epochs} → {cfg.epochs}: lr schedule re-planned over {cfg.epochs} epochs; "

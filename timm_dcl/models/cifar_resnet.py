@@ -104,6 +104,7 @@ class CifarResNet(nn.Module):
             act_layer: Union[str, Type[nn.Module]] = nn.ReLU,
             norm_layer: Union[str, Type[nn.Module]] = nn.BatchNorm2d,
             zero_init_last: bool = True,
+            paper_init: bool = False,
     ):
         """
         Args:
@@ -119,6 +120,9 @@ class CifarResNet(nn.Module):
                 post-activation network's logits otherwise reach |z| ≈ 100 within five steps, and
                 under deep mutual learning both nodes then collapse to uniform predictions for
                 epochs. ``False`` gives the plain He-init network.
+            paper_init: The authors' released initialisation (SPEC §8): no zero-initialised last
+                BN (whatever ``zero_init_last`` says) and a Kaiming-normal classifier weight whose
+                bias keeps PyTorch's default (the SPEC names no bias init).
         """
         super().__init__()
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
@@ -164,10 +168,10 @@ class CifarResNet(nn.Module):
 
         self.num_features = self.head_hidden_size = prev_chs
         self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
-        self.init_weights(zero_init_last=zero_init_last)
+        self.init_weights(zero_init_last=zero_init_last and not paper_init, paper_init=paper_init)
 
     @torch.jit.ignore
-    def init_weights(self, zero_init_last: bool = False) -> None:
+    def init_weights(self, zero_init_last: bool = False, paper_init: bool = False) -> None:
         # as fb.resnet.torch (He et al.): convs N(0, 2/n) with n = k·k·out_channels (fan_out),
         # BN at identity, the classifier's default uniform weights with a zero bias
         for m in self.modules():
@@ -177,7 +181,10 @@ class CifarResNet(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
+                if paper_init:
+                    nn.init.kaiming_normal_(m.weight)
+                else:
+                    nn.init.zeros_(m.bias)
         if zero_init_last:
             for m in self.modules():
                 if isinstance(m, CifarBasicBlock):

@@ -77,6 +77,7 @@ class WideResNet(nn.Module):
             drop_path_rate: float = 0.,
             act_layer: Union[str, Type[nn.Module]] = nn.ReLU,
             norm_layer: Union[str, Type[nn.Module]] = nn.BatchNorm2d,
+            paper_init: bool = False,
     ):
         """
         Args:
@@ -87,6 +88,8 @@ class WideResNet(nn.Module):
             global_pool: timm global pooling type ('avg', 'max', 'avgmax', ...).
             drop_rate: Dropout between the two convs of every block.
             drop_path_rate: Stochastic depth, linearly increasing over the blocks.
+            paper_init: The authors' released initialisation (SPEC §8): the classifier keeps
+                PyTorch's default init (its bias is not zeroed).
         """
         super().__init__()
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 10 or (depth - 4) % 6:
@@ -137,10 +140,10 @@ class WideResNet(nn.Module):
 
         self.num_features = self.head_hidden_size = prev_chs
         self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
-        self.init_weights()
+        self.init_weights(paper_init=paper_init)
 
     @torch.jit.ignore
-    def init_weights(self) -> None:
+    def init_weights(self, paper_init: bool = False) -> None:
         # the WRN reference: convs N(0, 2/fan_out), BN at identity, zero classifier bias
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -148,7 +151,7 @@ class WideResNet(nn.Module):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
+            elif isinstance(m, nn.Linear) and not paper_init:
                 nn.init.zeros_(m.bias)
 
     @torch.jit.ignore
