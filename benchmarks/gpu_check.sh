@@ -168,19 +168,19 @@ run_on_device() {
       && export PYTHONPATH="/tmp/gpu_check_site${PYTHONPATH:+:$PYTHONPATH}"
   fi
   if [ "${GPU_CHECK_SKIP_BUILD:-0}" != 1 ]; then  # 1: a rerun on a machine that kept the build
-    step "build (pip install -e . --no-build-isolation --no-deps)" "${GPU_CHECK_BUILD_S:-240}" \
+    step "build (pip install -e . --no-build-isolation --no-deps)" "${GPU_CHECK_BUILD_S:-200}" \
       "$PY" -m pip install -q -e . --no-build-isolation --no-deps || { write_report; return 1; }
   fi
   step "CUDA kernels load" 120 "$PY" -c "import torch, timm_dcl; k = timm_dcl.kernels_available(); \
 print(k); assert torch.cuda.is_available() and 'cuda' in k, k" || { write_report; return 1; }
-  step "tests (test_ktg_loss*.py)" "${GPU_CHECK_TESTS_S:-150}" "$PY" -m pytest -q -p no:cacheprovider \
+  step "tests (test_ktg_loss*.py)" "${GPU_CHECK_TESTS_S:-120}" "$PY" -m pytest -q -p no:cacheprovider \
     tests/test_ktg_loss.py tests/test_ktg_loss_host.py tests/test_ktg_loss_compile.py tests/test_ktg_loss_cuda.py \
     --junitxml="$OUTDIR/tests.xml"
-  step "bench_loss.py --device cuda --quick" "${GPU_CHECK_LOSS_S:-120}" \
+  step "bench_loss.py --device cuda --quick" "${GPU_CHECK_LOSS_S:-110}" \
     "$PY" benchmarks/bench_loss.py --device cuda --quick --output "$OUTDIR/bench_loss_cuda.md"
   local data="$STAGE/cifar10"
   [ -f "$data/train.parquet" ] || data="$ROOT/../shared/data/cifar10"
-  step "bench_train.py --device cuda --quick" "${GPU_CHECK_TRAIN_S:-150}" \
+  step "bench_train.py --device cuda --quick" "${GPU_CHECK_TRAIN_S:-130}" \
     "$PY" benchmarks/bench_train.py --device cuda --quick --data-dir "$data" --output "$OUTDIR/bench_train_cuda.md"
   write_report
   echo "report: $REPORT"

@@ -23,6 +23,9 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
 #include <torch/version.h>
 
@@ -507,9 +510,10 @@ struct CpuKernel {
   }
 
   // Σ_c p_s,c (u_s,c − u_t,c) of every open knowledge edge of sample b into D[s*MAXM + t],
-  // from the cached exp(u/T). First u of the sample is written to the cache; then each source's out-edges are summed four at a time, so that the four
-  // accumulators live in registers (an array of M² accumulators indexed at run time
-  // would live in memory, each update a load and a store).
+  // from the cached exp(u/T). First u of the sample is written to the cache; then each
+  // source's out-edges are summed a few at a time (edge_group), so that the accumulators
+  // live in registers: an array of M² accumulators indexed at run time would live in
+  // memory, each update a load and a store.
   KTG_HD static void edge_sums_by_source(const ForwardArgs<S, A>& a, const Cache& cache, int64_t b,
                                          const NodeStat<A>* st, const A* rT, A* D) {
     const Plan& plan = *a.plan;
@@ -530,35 +534,44 @@ struct CpuKernel {
       for (int t = 0; t < M; ++t) {
         if (has_bit(plan.kd_in[t], s)) targets[nt++] = t;
       }
-      const A* ps_row = cache.eT + s * stride;  // exp(u_s/T); softmax = that · exp(−lsT_s)
-      const A r = rT[s];
-      const A* us_row = cache.u + s * stride;
-      for (int i = 0; i < nt; i += 4) {
-        // Missing targets of the last group point at the source itself: u_s − u_s = 0.
-        const A* ut0 = cache.u + targets[i] * stride;
-        const A* ut1 = cache.u + (i + 1 < nt ? targets[i + 1] : s) * stride;
-        const A* ut2 = cache.u + (i + 2 < nt ? targets[i + 2] : s) * stride;
-        const A* ut3 = cache.u + (i + 3 < nt ? targets[i + 3] : s) * stride;
-        V a0(A(0)), a1(A(0)), a2(A(0)), a3(A(0)), t0(A(0)), t1(A(0)), t2(A(0)), t3(A(0));
-        int blocked = 0;
-        for_chunks<L>(C, [&](const Chunk& k) KTG_LAMBDA_INLINE {
-          V ps = load_full<A, A, W>(ps_row + k.c) * r;
-          if (masked(k)) ps = ps * lane_mask<A, W>(k.skip, k.rem);
-          const V us = load_full<A, A, W>(us_row + k.c);
-          a0 += ps * (us - load_full<A, A, W>(ut0 + k.c));
-          a1 += ps * (us - load_full<A, A, W>(ut1 + k.c));
-          a2 += ps * (us - load_full<A, A, W>(ut2 + k.c));
-          a3 += ps * (us - load_full<A, A, W>(ut3 + k.c));
-          if (++blocked == kCascade) {  // cascade summation, as in node_sums
-            t0 += a0; t1 += a1; t2 += a2; t3 += a3;
-            a0 = a1 = a2 = a3 = V(A(0));
-            blocked = 0;
-          }
-        });
-        const A sums[4] = {hsum(t0 + a0), hsum(t1 + a1), hsum(t2 + a2), hsum(t3 + a3)};
-        for (int j = 0; j < 4 && i + j < nt; ++j) D[s * MAXM + targets[i + j]] = sums[j];
+      // Groups of four targets, then a pair, then one: no accumulator is wasted on a dummy.
+      int i = 0;
+      for (; i + 4 <= nt; i += 4) edge_group<4>(cache, C, s, targets + i, rT[s], D);
+      if (i + 2 <= nt) {
+        edge_group<2>(cache, C, s, targets + i, rT[s], D);
+        i += 2;
       }
+      if (i < nt) edge_group<1>(cache, C, s, targets + i, rT[s], D);
     }
+  }
+
+  // D[s*MAXM + t] for G targets t of source s, with G accumulators in registers.
+  template <int G>
+  KTG_HD static void edge_group(const Cache& cache, int64_t C, int s, const int* targets, A r, A* D) {
+    const int64_t stride = cache.stride;
+    const A* ps_row = cache.eT + s * stride;  // exp(u_s/T); softmax = that · exp(−lsT_s) = · r
+    const A* us_row = cache.u + s * stride;
+    const A* ut[G];
+    V acc[G], tot[G];
+    for (int j = 0; j < G; ++j) {
+      ut[j] = cache.u + targets[j] * stride;
+      acc[j] = tot[j] = V(A(0));
+    }
+    int blocked = 0;
+    for_chunks<L>(C, [&](const Chunk& k) KTG_LAMBDA_INLINE {
+      V ps = load_full<A, A, W>(ps_row + k.c) * r;
+      if (masked(k)) ps = ps * lane_mask<A, W>(k.skip, k.rem);
+      const V us = load_full<A, A, W>(us_row + k.c);
+      for (int j = 0; j < G; ++j) acc[j] += ps * (us - load_full<A, A, W>(ut[j] + k.c));
+      if (++blocked == kCascade) {  // cascade summation, as in node_sums
+        for (int j = 0; j < G; ++j) {
+          tot[j] += acc[j];
+          acc[j] = V(A(0));
+        }
+        blocked = 0;
+      }
+    });
+    for (int j = 0; j < G; ++j) D[s * MAXM + targets[j]] = hsum(tot[j] + acc[j]);
   }
 
   // Statistics (stored for the backward) and per-sample losses of samples [b0, b1).
@@ -1082,7 +1095,6 @@ std::vector<at::Tensor> ktg_loss_backward_cpu(const at::Tensor& grad_losses_in, 
 // ---------------------------------------------------------------------------------
 namespace {
 
-using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 const c10::TypedOperatorHandle<std::tuple<at::Tensor, at::Tensor>(
@@ -1108,44 +1120,44 @@ backward_op() {
   return handle;
 }
 
-// Number of non-logits arguments of ktg_loss (labels, gates, temperature, progress,
-// progress_tensor): the backward returns no gradient for them.
-constexpr int kNonLogitsArgs = 5;
+// The backward of ktg_loss as an autograd node written by hand, as PyTorch's generated
+// code writes its own: plain members instead of torch::autograd::Function's context (a
+// hash map of IValues, per-input bookkeeping), which at small shapes cost as much as the
+// kernels. Its one input is the gradient of the losses [M] (read with its strides, e.g.
+// the stride-0 expansion of the backward of losses.sum()); its outputs are the gradients
+// of the logits, one per tensor the op was given.
+struct KtgLossBackward : public torch::autograd::Node {
+  std::vector<torch::autograd::SavedVariable> logits;
+  torch::autograd::SavedVariable labels, stats, progress_tensor;
+  std::vector<int64_t> gates;
+  double temperature = 1.0, progress = 1.0;
+  bool has_progress_tensor = false;
 
-class KtgLossFunction : public torch::autograd::Function<KtgLossFunction> {
- public:
-  static at::Tensor forward(AutogradContext* ctx, at::TensorList logits, const at::Tensor& labels,
-                            c10::IntArrayRef gates, double temperature, double progress,
-                            const std::optional<at::Tensor>& progress_tensor) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    auto out = forward_op().call(logits, labels, gates, temperature, progress, progress_tensor);
-    variable_list saved(logits.begin(), logits.end());
-    saved.push_back(labels);
-    saved.push_back(std::get<1>(out));
-    const bool has_pt = progress_tensor.has_value() && progress_tensor->defined();
-    if (has_pt) saved.push_back(*progress_tensor);
-    ctx->save_for_backward(std::move(saved));
-    ctx->saved_data["gates"] = gates;
-    ctx->saved_data["temperature"] = temperature;
-    ctx->saved_data["progress"] = progress;
-    ctx->saved_data["n"] = static_cast<int64_t>(logits.size());
-    ctx->saved_data["has_pt"] = has_pt;
-    return std::get<0>(out);
+  std::string name() const override { return "KtgLossBackward"; }
+
+  void release_variables() override {
+    for (auto& v : logits) v.reset_data();
+    labels.reset_data();
+    stats.reset_data();
+    progress_tensor.reset_data();
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    const int64_t n = ctx->saved_data["n"].toInt();
-    const bool has_pt = ctx->saved_data["has_pt"].toBool();
-    variable_list saved = ctx->get_saved_variables();
-    const std::vector<at::Tensor> logits(saved.begin(), saved.begin() + n);
+  variable_list apply(variable_list&& grads) override {
+    const size_t n = logits.size();
+    variable_list out(n);
+    bool wanted = false;
+    for (size_t i = 0; i < n; ++i) wanted = wanted || should_compute_output(i);
+    if (!grads[0].defined() || !wanted) return out;  // no gradient flows: zero, left undefined
+    std::vector<at::Tensor> z;
+    z.reserve(n);
+    for (const auto& v : logits) z.push_back(v.unpack());
     std::optional<at::Tensor> pt;
-    if (has_pt) pt = saved[n + 2];
-    const std::vector<int64_t> gates = ctx->saved_data["gates"].toIntVector();
-    std::vector<at::Tensor> grads = backward_op().call(
-        grad_outputs[0], logits, saved[n], saved[n + 1], gates, ctx->saved_data["temperature"].toDouble(),
-        ctx->saved_data["progress"].toDouble(), pt);
-    variable_list out(grads.begin(), grads.end());
-    out.resize(out.size() + kNonLogitsArgs);  // labels, gates, temperature, progress, progress_tensor
+    if (has_progress_tensor) pt = progress_tensor.unpack();
+    std::vector<at::Tensor> g = backward_op().call(grads[0], z, labels.unpack(), stats.unpack(), gates,
+                                                   temperature, progress, pt);
+    for (size_t i = 0; i < n; ++i) {
+      if (should_compute_output(i)) out[i] = std::move(g[i]);
+    }
     return out;
   }
 };
@@ -1163,7 +1175,34 @@ at::Tensor ktg_loss_autograd(at::TensorList logits, const at::Tensor& labels, c1
   // Checked here, above the kernels, so that bad input (logits on two devices, say)
   // gets its message before the dispatcher picks a kernel for it.
   const at::Tensor y = validated_labels(logits, labels, gates, temperature, progress, progress_tensor);
-  return KtgLossFunction::apply(logits, y, gates, temperature, progress, progress_tensor);
+  bool requires_grad = false;
+  if (c10::GradMode::is_enabled()) {
+    for (const at::Tensor& t : logits) requires_grad = requires_grad || t.requires_grad();
+  }
+  at::Tensor losses, stats;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    std::tie(losses, stats) = forward_op().call(logits, y, gates, temperature, progress, progress_tensor);
+  }
+  if (!requires_grad) return losses;
+  auto node = c10::make_intrusive<KtgLossBackward>();
+  torch::autograd::edge_list edges;
+  edges.reserve(logits.size());
+  node->logits.reserve(logits.size());
+  for (const at::Tensor& t : logits) {
+    edges.push_back(torch::autograd::impl::gradient_edge(t));
+    node->logits.emplace_back(t, /*is_output=*/false);
+  }
+  node->set_next_edges(std::move(edges));
+  node->labels = torch::autograd::SavedVariable(y, false);
+  node->stats = torch::autograd::SavedVariable(stats, false);
+  node->has_progress_tensor = progress_tensor.has_value() && progress_tensor->defined();
+  if (node->has_progress_tensor) node->progress_tensor = torch::autograd::SavedVariable(*progress_tensor, false);
+  node->gates.assign(gates.begin(), gates.end());
+  node->temperature = temperature;
+  node->progress = progress;
+  torch::autograd::set_history(losses, node);
+  return losses;
 }
 
 // Below autograd (inference mode, or tracing without gradients): the forward alone.

@@ -131,3 +131,19 @@ def test_parity_many_nodes(device, M):
         check_parity(case, z, y, torch.float32, device)
     case, z, y = make_case(390 + M, M, 4, 33, T=3.0, progress=0.2)
     check_parity(case, z, y, torch.float64, device)
+
+
+def test_python_autograd_function_matches_op(device):
+    """KTGLossFunction (the internal ops under a Python autograd.Function) agrees with
+    ktg_loss, whose autograd is registered in C++."""
+    needs_kernel(device)
+    from timm_dcl import KTGLossFunction, encode_gates
+    case, z, y = make_case(206, 3, 6, 9, T=2.0, progress=0.4, gates=LINEAR_GATES)
+    z, y = z.float().to(device), y.to(device)
+    weights = torch.tensor([1.0, -2.0, 0.5], device=device)
+    want, want_grad = loss_and_grad(ktg_loss, z, y, case.gates, case.T, case.progress, weights)
+    zz = z.clone().requires_grad_(True)
+    losses, stats = KTGLossFunction.apply(zz, y, encode_gates(case.gates), case.T, case.progress)
+    (losses * weights).sum().backward()
+    assert not stats.requires_grad
+    assert torch.equal(losses.detach(), want) and torch.equal(zz.grad, want_grad)
