@@ -22,6 +22,10 @@ choices must see every shape).
     python benchmarks/bench_train.py --device cuda --compile --output bench_train_cuda.md
     python benchmarks/bench_train.py --quick --device cpu
     python benchmarks/bench_train.py --device cpu --channels-last yes   # ours in NHWC on CPU too
+    python benchmarks/bench_train.py --edge-overhead --device cpu --edge-stats-every 10
+
+``--edge-overhead`` times ours against ours without edge diagnostics (``--edge-stats-every 0``)
+instead of the baseline: the cost of the diagnostics on the training step.
 """
 from __future__ import annotations
 
@@ -46,6 +50,8 @@ sys.path.insert(0, str(HERE))  # bench_loss, for the authors' edge loop
 
 DEFAULT_MODELS = ("resnet32", "resnet110", "wrn28_2")
 VARIANTS = ("baseline", "ours")
+NO_EDGES = "ours-no-edge-stats"  # --edge-overhead: ours with edge_stats_every=0, in the baseline's place
+EDGE_BAR = 0.02  # edge diagnostics may slow the step by at most 2 %
 BAR = 3.0  # on a GPU: ours ≥ 3× the baseline's images/s
 # Timed steps per epoch (the train subset is batch × steps) and timed epochs, per device.
 DEFAULT_STEPS = {("cpu", False): 4, ("cpu", True): 2, ("cuda", False): 50, ("cuda", True): 10}
@@ -110,7 +116,8 @@ class _Ours(_Variant):
         cfg = TrainConfig(dataset="cifar10", data_dir=str(args.data_dir), train_subset=len(data.train),
                           eval_subset=len(data.eval), epochs=1 + args.repeats, batch_size=args.batch_size,
                           workers=0, mixed_precision=precision, channels_last=channels_last,
-                          compile=args.compile, output=None, progress_bar=False, seed=args.seed)
+                          compile=args.compile, output=None, progress_bar=False, seed=args.seed,
+                          edge_stats_every=0 if args.variant == NO_EDGES else args.edge_stats_every)
         self.trainer = GraphTrainer(Graph.preset("dml", args.models), cfg, data=data, accelerator=acc)
         kernel = self.device.type in timm_dcl.kernels_available()
         self.info = {
@@ -120,7 +127,30 @@ class _Ours(_Variant):
             "data": "BatchLoader + augment_batch" + (" (on the GPU)" if on_gpu else ""),
             "compile": bool(args.compile),
             "steps": len(self.trainer.train_loader),
+            "edge_stats_every": cfg.edge_stats_every,
+            "edge_ms": self._edge_ms() if cfg.edge_stats_every else None,
         }
+
+    def _edge_ms(self, calls: int = 50) -> float:
+        """ms of one sampled batch's edge diagnostics on this graph's logit shape, timed directly:
+        an epoch-time ratio cannot resolve a cost this small on a shared machine."""
+        import torch
+
+        from timm_dcl.edge_stats import EdgeStats
+
+        t = self.trainer
+        m, b, c = len(t.nodes), self.args.batch_size, t.num_classes
+        logits = [torch.randn(b, c, device=self.device) for _ in range(m)]
+        labels = torch.randint(0, c, (b,), device=self.device)
+        stats = EdgeStats(t.graph.gate_codes, m, t.graph.temperature, self.device)
+        for _ in range(5):
+            stats.add(logits, labels, 0.5)
+        self.sync()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            stats.add(logits, labels, 0.5)
+        self.sync()
+        return (time.perf_counter() - t0) / calls * 1e3
 
     def _run_epoch(self, epoch: int, steps: Optional[int]) -> None:
         full = self.trainer.train_loader
@@ -209,7 +239,7 @@ def worker_main(args) -> int:
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
     data = torch.load(args.data_file, map_location="cpu", weights_only=False)
-    variant = (_Ours if args.variant == "ours" else _Baseline)(args, data)
+    variant = (_Baseline if args.variant == "baseline" else _Ours)(args, data)
 
     def send(**msg):
         proto.write(json.dumps(msg) + "\n")
@@ -238,7 +268,7 @@ class _Worker:
                 "--models", ",".join(args.models), "--batch-size", str(args.batch_size),
                 "--repeats", str(args.repeats_for[device]), "--threads", str(args.threads),
                 "--mixed-precision", args.mixed_precision, "--channels-last", args.channels_last,
-                "--seed", str(args.seed)]
+                "--seed", str(args.seed), "--edge-stats-every", str(args.edge_stats_every)]
         if args.workers is not None:
             argv += ["--workers", str(args.workers)]
         for flag in ("compile", "cudnn_benchmark"):
@@ -305,23 +335,24 @@ def run_device(args, device: str, data_file: Path, bar) -> dict[str, Result]:
     workers: dict[str, _Worker] = {}
     results: dict[str, Result] = {}
     try:
-        for v in VARIANTS:  # one after another: set-up must not compete with itself
+        variants = args.variants
+        for v in variants:  # one after another: set-up must not compete with itself
             bar.set_postfix_str(f"{device} {v}: set-up")
             workers[v] = _Worker(args, v, device, data_file)
             ready = workers[v].receive("ready")
             results[v] = Result(v, device, ready["info"], ready["images"])
             bar.update(1)
-        for v in VARIANTS:
+        for v in variants:
             bar.set_postfix_str(f"{device} {v}: warm-up" + (" + compile" if results[v].info["compile"] else ""))
             warmup = args.warmup_for[device]
             results[v].warmup_s = workers[v].command(f"epoch {warmup}" if warmup else "epoch", "epoch")["seconds"]
             bar.update(1)
         for r in range(args.repeats_for[device]):
-            for v in (VARIANTS if r % 2 == 0 else VARIANTS[::-1]):
+            for v in (variants if r % 2 == 0 else variants[::-1]):
                 bar.set_postfix_str(f"{device} {v}: epoch {r + 1}/{args.repeats_for[device]}")
                 results[v].seconds.append(workers[v].command("epoch", "epoch")["seconds"])
                 bar.update(1)
-        for v in VARIANTS:
+        for v in variants:
             results[v].peak_memory = workers.pop(v).close()["peak_memory"]
     finally:
         for w in workers.values():
@@ -337,11 +368,12 @@ def _mib(n: Optional[int]) -> str:
 
 def table(results: list[Result]) -> str:
     cuda = any(r.device == "cuda" for r in results)
-    head = ["variant", "device", "dtype/layout", "loss", "images/s", "ms/step", "vs baseline"]
+    head = ["variant", "device", "dtype/layout", "loss", "images/s", "ms/step",
+            "vs " + ("no edge stats" if any(r.variant == NO_EDGES for r in results) else "baseline")]
     if cuda:
         head.append("peak memory")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    base = {r.device: r for r in results if r.variant == "baseline"}
+    base = {r.device: r for r in results if r.variant in ("baseline", NO_EDGES)}
     for r in results:
         layout = f"{r.info['precision']}, {r.info['layout']}" + (", compiled" if r.info["compile"] else "")
         ratio = r.images_per_s / base[r.device].images_per_s if r.device in base else float("nan")
@@ -353,9 +385,31 @@ def table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+def edge_overhead(results: list[Result]) -> dict[str, tuple[float, list[float]]]:
+    """Per device: the slowdown of ours with edge diagnostics (median epoch time ratio − 1) and
+    the ratio − 1 of every interleaved pair of epochs (their spread is the noise)."""
+    by = {(r.device, r.variant): r for r in results}
+    out = {}
+    for device in dict.fromkeys(r.device for r in results):
+        on, off = by[device, "ours"], by[device, NO_EDGES]
+        out[device] = (on.epoch_s / off.epoch_s - 1, [a / b - 1 for a, b in zip(on.seconds, off.seconds)])
+    return out
+
+
 def bars(results: list[Result]) -> list[tuple[str, Optional[bool]]]:
     out = []
     by = {(r.device, r.variant): r for r in results}
+    if any(r.variant == NO_EDGES for r in results):
+        # The bar rests on the direct timing (the diagnostics' own cost against the step without
+        # them): on a shared machine the epoch-time ratio's noise is far above 2 %, so it is
+        # reported beside it as a cross-check, with the spread of its interleaved pairs.
+        for device, (slowdown, pairs) in edge_overhead(results).items():
+            on, off = by[device, "ours"], by[device, NO_EDGES]
+            share = on.info["edge_ms"] / on.info["edge_stats_every"] / off.ms_per_step
+            spread = f"pairs {min(pairs):+.1%} … {max(pairs):+.1%}" if pairs else "no pairs"
+            out.append((f"{device}: edge diagnostics cost ≤ {EDGE_BAR:.0%} of the step (timed directly: {share:.3%}; "
+                        f"epoch-time ratio {slowdown:+.2%}, {spread})", share <= EDGE_BAR))
+        return out
     for device in dict.fromkeys(r.device for r in results):
         ratio = by[device, "ours"].images_per_s / by[device, "baseline"].images_per_s
         if device == "cuda":
@@ -371,6 +425,7 @@ def summary(results: list[Result], args) -> str:
     import timm_dcl
 
     lines = [f"Graph: DML (all gates through, T = 1) over {', '.join(args.models)}; batch {args.batch_size}; "
+             f"ours' edge diagnostics every {args.edge_stats_every} batch(es); "
              f"torch {torch.__version__}; kernels_available() = {sorted(timm_dcl.kernels_available())}."]
     for device in dict.fromkeys(r.device for r in results):
         rs = [r for r in results if r.device == device]
@@ -381,6 +436,11 @@ def summary(results: list[Result], args) -> str:
                      + (f"{args.warmup_for[device]} step(s)" if args.warmup_for[device] else "1 epoch")
                      + ", the variants' epochs interleaved.")
         for r in rs:
+            if r.info.get("edge_ms") is not None:
+                every = r.info["edge_stats_every"]
+                lines.append(f"- {device} {r.variant}: edge diagnostics of one sampled batch, timed alone: "
+                             f"{r.info['edge_ms']:.3f} ms, every {every} step(s) of {r.ms_per_step:,.1f} ms: "
+                             f"{r.info['edge_ms'] / every / r.ms_per_step:.3%} of the step")
             lines.append(f"- {device} {r.variant}: data = {r.info['data']}; warm-up {r.warmup_s:.1f} s"
                          + (" (includes torch.compile)" if r.info["compile"] else "")
                          + "; epochs " + ", ".join(f"{s:.2f}" for s in r.seconds) + " s")
@@ -429,11 +489,21 @@ def parse_args(argv=None):
                     help="torch.backends.cudnn.benchmark = True in both variants")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--output", type=Path, help="also write the table and the summary as markdown here")
+    from timm_dcl.config import TrainConfig
+    ap.add_argument("--edge-stats-every", type=int, default=TrainConfig.edge_stats_every, metavar="N",
+                    help="ours' edge diagnostics from every N-th batch (the trainer's default; 0: none)")
+    ap.add_argument("--edge-overhead", action="store_true",
+                    help="time ours against ours without edge diagnostics instead of the baseline")
     # Internal: run one variant as a worker, driven over stdin/stdout by the parent.
-    ap.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
+    ap.add_argument("--variant", choices=VARIANTS + (NO_EDGES,), help=argparse.SUPPRESS)
     ap.add_argument("--data-file", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    args.variants = (NO_EDGES, "ours") if args.edge_overhead else VARIANTS
+    if args.edge_overhead and args.edge_stats_every < 1:
+        ap.error("--edge-overhead needs --edge-stats-every ≥ 1")
+    if args.edge_stats_every < 0:
+        ap.error("--edge-stats-every must be ≥ 0")
     if len(args.models) < 2:
         ap.error("--models needs at least two nodes")
     for name in ("batch_size", "threads"):
@@ -486,7 +556,7 @@ def main(argv=None) -> int:
             files[n] = Path(tmp) / f"data_{n}.pt"
             torch.save(data, files[n])
         # Per variant: set-up, warm-up, and the timed epochs.
-        total = sum(len(VARIANTS) * (2 + args.repeats_for[d]) for d in devices)
+        total = sum(len(args.variants) * (2 + args.repeats_for[d]) for d in devices)
         with tqdm(total=total, desc="bench_train", unit="epoch", file=sys.stderr, dynamic_ncols=True) as bar:
             for d in devices:
                 results += run_device(args, d, files[subset[d]], bar).values()
