@@ -1,10 +1,13 @@
-// CPU kernels, op registration and argument checking of the fused Knowledge Transfer
-// Graph loss (SPEC §2). The math lives in ktg_loss.h; this file adds the SIMD lane
-// layout and the parallel loop over samples.
+// CPU kernels, op registration, autograd and argument checking of the fused Knowledge
+// Transfer Graph loss (SPEC §2). The math lives in ktg_loss.h; this file adds the SIMD
+// lane layout, the parallel loop over samples, and the host side of the public op
+// timm_dcl::ktg_loss (validation and its autograd node in C++, so that a training step
+// runs no Python between the two kernels).
 //
-// Layout: at::parallel_for over samples; per sample every node's statistics are
-// computed once (a max/argmax pass and a sum-exp pass over C, caching the exponentials
-// in a per-thread scratch) and shared by all M² edges, which then only multiply. The
+// Layout: at::parallel_for over samples (the calling thread alone for small calls); per
+// sample every node's statistics are computed once (a max/argmax pass and a sum-exp pass
+// over C, caching exp(u/T) in a per-thread scratch) and shared by all M² edges, which
+// then only multiply; the statistics are stored, so the backward is one pass. The
 // class loops run on lane vectors (GCC vector extensions) of the widest ISA the CPU has:
 // the entry points are compiled for AVX-512, AVX2 and baseline x86-64 and picked at run
 // time, so one binary runs on any x86-64.
@@ -647,7 +650,7 @@ struct CpuKernel {
     A correct[kMaxNodes], sq[kMaxNodes];
     // The coefficients are the same for every sample but for the correct gates' masks:
     // computed once, then only the correct edges are updated per sample.
-    SampleCoef<A, MAXM> base, coef;
+    SampleCoef<A, MAXM> base{}, coef;
     for (int n = 0; n < M; ++n) correct[n] = A(1);
     make_coefficients<MAXM>(plan, correct, a.grad_losses, inv_b, a.progress, base);
     coef = base;
