@@ -101,7 +101,8 @@ def edge_run(tmp_path_factory, shared_data):
     cfg = TrainConfig(dataset="cifar10", data_dir=str(shared_data / "cifar10"), train_subset=96, eval_subset=20,
                       batch_size=32, epochs=2, workers=0, progress_bar=False, seed=0, edge_stats_every=2,
                       output=str(out))
-    trainer = GraphTrainer(Graph([Node("resnet20")] * 3, GATES, temperature=TEMPERATURE), cfg)
+    nodes = [Node("resnet20", model_kwargs={"depth": 8}) for _ in range(3)]  # small: the edges are under test
+    trainer = GraphTrainer(Graph(nodes, GATES, temperature=TEMPERATURE), cfg)
     seen = []
     loss_fn = trainer.loss_fn
 
@@ -153,7 +154,8 @@ def test_run_values_equal_a_plain_computation_on_the_sampled_batches(edge_run):
 def test_edge_stats_every_zero_records_nothing(shared_data):
     cfg = TrainConfig(dataset="cifar10", data_dir=str(shared_data / "cifar10"), train_subset=32, eval_subset=20,
                       batch_size=32, epochs=1, workers=0, progress_bar=False, edge_stats_every=0)
-    result = GraphTrainer(Graph([Node("resnet20")] * 2, [[T, T], [T, T]]), cfg).fit()
+    nodes = [Node("resnet20", model_kwargs={"depth": 8}) for _ in range(2)]
+    result = GraphTrainer(Graph(nodes, [[T, T], [T, T]]), cfg).fit()
     assert not any(k.startswith("edge_") for k in result.history[0])
     with pytest.raises(ValueError, match="--edge-stats-every must be ≥ 0"):
         TrainConfig(edge_stats_every=-1)
