@@ -180,3 +180,23 @@ def test_bad_recipe_is_a_clear_error():
         TrainConfig(recipe="authors")
     with pytest.raises(ValueError, match="--frozen-bn must be eval or train"):
         TrainConfig(frozen_bn="drift")
+
+
+def test_frozen_bn_train_drift_survives_a_resume(tmp_path, cifar10):
+    """With --frozen-bn train the frozen node's statistics are state: the checkpoint keeps them
+    and a resume continues from them (in eval mode they never change, so nothing is saved)."""
+    teacher = _teacher(tmp_path)
+    out = tmp_path / "run"
+    graph = Graph([Node("resnet20", model_kwargs=SMALL), Node("resnet20", checkpoint=str(teacher))], [[T, T], [C, C]])
+    kw = dict(data_dir=cifar10, **DATA, recipe="paper", frozen_bn="train", train_subset=BATCH)
+    first = GraphTrainer(graph, TrainConfig(**kw, epochs=1, output=str(out)))
+    first.fit()
+    drifted = {k: v.clone() for k, v in first.nodes[1].raw.state_dict().items()}
+    saved = torch.load(out / "checkpoints" / "last.pth", map_location="cpu", weights_only=False)["models"][1]
+    assert saved is not None and all(torch.equal(saved[k], drifted[k]) for k in drifted)
+    resumed = GraphTrainer(graph, TrainConfig(**kw, epochs=2, resume=str(out)))
+    now = resumed.nodes[1].raw.state_dict()
+    assert all(torch.equal(now[k], drifted[k]) for k in drifted)
+    before = TrainConfig(**kw, epochs=1, output=None)
+    assert not torch.equal(GraphTrainer(graph, before).nodes[1].raw.state_dict()["bn1.running_mean"],
+                           drifted["bn1.running_mean"])  # a fresh load is the teacher file, not the drift
