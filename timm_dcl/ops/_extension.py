@@ -43,9 +43,9 @@ __all__ = [
 # driver compiles for newer GPUs (Blackwell). CUDA 13 dropped everything before 7.5.
 DEFAULT_ARCH_LIST = "7.5;8.0;9.0+PTX"
 
-CPU_SOURCES = ("ktg_loss.cpp",)
+CPU_SOURCES = ("ktg_loss.cpp", "ktg_op.cpp")
 CUDA_SOURCES = ("ktg_loss_cuda.cu",)
-HEADERS = ("ktg_loss.h",)
+HEADERS = ("ktg_loss.h", "ktg_cpu_lanes.h")
 JIT_NAME = "timm_dcl_C"
 
 _lock = threading.Lock()
