@@ -198,3 +198,27 @@ def test_without_log_with_no_tracker_runs(tmp_path, cifar10):
     out = _run(tmp_path / "run", "--node-models", "resnet20", "--dataset", "cifar10", "--data-dir", cifar10,
                "--epochs", "1", "--train-subset", "16", "--eval-subset", "10", *FAST)
     assert not list(out.rglob("events.out.tfevents.*"))
+
+
+def test_compile_compiles_the_whole_step_and_matches_eager(cifar10, monkeypatch):
+    """--compile: normalisation, both nodes and the loss op as one compiled step, progress as a
+    tensor (linear gates change it every step without recompiling); the numbers are eager's.
+    The graph capture is what is tested: aot_eager spares the test inductor's C++ build."""
+    import functools
+
+    import torch._dynamo
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    graph = Graph([Node("resnet20"), Node("resnet20")], [["through", "linear"], ["linear", "through"]])
+    common = dict(dataset="cifar10", data_dir=cifar10, train_subset=64, eval_subset=20, batch_size=16, epochs=2,
+                  workers=0, progress_bar=False, seed=2)
+    eager = train_graph(graph, TrainConfig(**common))
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        trainer = GraphTrainer(graph, TrainConfig(**common, compile=True))
+        compiled = trainer.fit()
+    assert trainer._train_step is not trainer._forward_loss  # the step, not each model, is compiled
+    assert all(n.train_model is n.raw for n in trainer.nodes)
+    for a, b in zip(eager.history, compiled.history):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4, abs=1e-5)
+        assert a["lr"] == b["lr"]

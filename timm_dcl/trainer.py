@@ -188,8 +188,10 @@ class GraphTrainer:
             if n.frozen:
                 n.raw.to(acc.device)
                 n.train_model = n.raw
-            if cfg.compile:
-                n.train_model = torch.compile(n.train_model)
+        # --compile compiles the whole step (normalisation, every node's forward, the loss op)
+        # as one graph, rather than each model alone; progress travels as a tensor so that the
+        # linear gates' changing weight does not recompile it (the backward is compiled with it).
+        self._train_step = torch.compile(self._forward_loss) if cfg.compile else self._forward_loss
         device = acc.device
         self._norms = {}
         for key in {n.norm_key for n in self.nodes}:
@@ -226,6 +228,11 @@ class GraphTrainer:
         if len({z.dtype for z in logits}) > 1:  # e.g. a head kept in float32 under autocast
             logits = [z.float() for z in logits]
         return logits
+
+    def _forward_loss(self, images: torch.Tensor, labels: torch.Tensor, progress):
+        """One training forward: every node's logits and the per-node losses ``[M]``."""
+        logits = self._forward(self._inputs(images), train=True)
+        return logits, self.loss_fn(logits, labels, progress=progress)
 
     def _clip_gradients(self) -> None:
         from timm.utils import dispatch_clip_grad
@@ -264,8 +271,8 @@ class GraphTrainer:
             self.iteration += 1
             progress = self.clock.progress(self.iteration)
             with acc.autocast():
-                logits = self._forward(self._inputs(images), train=True)
-                losses = self.loss_fn(logits, labels, progress=progress)
+                logits, losses = self._train_step(
+                    images, labels, torch.tensor(progress, dtype=torch.float64) if cfg.compile else progress)
             if edges is not None and step % every == 0:
                 edges.add(logits, labels, progress)  # outside autocast: float32 statistics
             acc.backward(losses.sum())
