@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         return fail(PROG, e)
     try:
         train_graph(graph, cfg)
-    except bad_input as e:
+    except (*bad_input, FloatingPointError) as e:  # a diverged run says so in one line; last.pth stays
         return fail(PROG, e)
     return 0
 

@@ -332,9 +332,6 @@ def test_non_finite_loss_stops_the_run_before_its_checkpoint(tmp_path, cifar10):
     assert all(torch.isfinite(v).all() for v in state["models"][0].values() if v.is_floating_point())
 
 
-@pytest.mark.xfail(strict=True, reason="train_dcl.main does not catch the trainer's FloatingPointError: a diverged "
-                                       "run ends in a traceback instead of one error line (fix: add "
-                                       "FloatingPointError to bad_input in train_dcl.main)")
 def test_cli_reports_a_diverged_run_in_one_line(tmp_path, cifar10, capsys):
     code = train_dcl.main(["--node-models", "resnet20", "--dataset", "cifar10", "--data-dir", cifar10, "--lr", "1e30",
                            "--epochs", "1", "--train-subset", "32", "--eval-subset", "10", "--batch-size", "16",
