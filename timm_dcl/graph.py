@@ -10,6 +10,11 @@ all-cutoff row, and rejects a frozen node without weights or with any non-cutoff
 gate. A trainable node may also have a checkpoint: it then starts from those weights (a warm
 start), as it does from timm's pretrained weights (``pretrained``/``pretrained_file``).
 
+Ensemble nodes: a node whose model is ``ensemble`` is virtual, with no parameters; its logits
+are the mean of its members' logits (``members``: node indices, or None for every non-ensemble
+node). It only teaches: its gate row must be all cutoff, and it is neither frozen nor trainable.
+It may be node 0, and then node 0's top-1 is the ensemble's.
+
 A node may override the run's recipe for itself (``lr``, ``opt``, ``weight_decay``): a
 pretrained teacher and a scratch student rarely share a learning rate.
 
@@ -19,7 +24,7 @@ without them load unchanged)::
     {"version": 1, "temperature": 1.0,
      "nodes": [{"model": "resnet32", "model_kwargs": {}, "checkpoint": null, "frozen": false,
                 "pretrained": false, "pretrained_file": null, "lr": null, "opt": null,
-                "weight_decay": null}, ...],
+                "weight_decay": null}, ..., {"model": "ensemble", "members": [1, 2]}],
      "gates": [["through", "cutoff"], ["cutoff", "cutoff"]]}
 """
 from __future__ import annotations
@@ -35,16 +40,17 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 from .gates import GATE_NAMES, Gate, decode_gates, encode_gates, parse_gates
 
-__all__ = ["Node", "Graph", "PRESETS", "FORMAT_VERSION"]
+__all__ = ["Node", "Graph", "PRESETS", "FORMAT_VERSION", "ENSEMBLE"]
 
 FORMAT_VERSION = 1
+ENSEMBLE = "ensemble"  # the model name of a virtual node: the mean of its members' logits
 PRESETS = ("independent", "dml", "kd")
 
 _THROUGH = GATE_NAMES[Gate.THROUGH]
 _CUTOFF = GATE_NAMES[Gate.CUTOFF]
 _NODE_KEYS = ("model", "model_kwargs", "checkpoint", "frozen")
 # optional per-node keys: weights and recipe overrides, written only when set
-_OPTIONAL_NODE_KEYS = ("pretrained", "pretrained_file", "lr", "opt", "weight_decay")
+_OPTIONAL_NODE_KEYS = ("pretrained", "pretrained_file", "lr", "opt", "weight_decay", "members")
 _GRAPH_KEYS = ("version", "temperature", "nodes", "gates")
 # the trainer sets these for every node (one class count for all, no hub weights)
 _RESERVED_KWARGS = ("num_classes", "pretrained")
@@ -64,6 +70,12 @@ class Node:
     lr: Optional[float] = None
     opt: Optional[str] = None
     weight_decay: Optional[float] = None
+    members: Optional[list[int]] = None      # an ensemble's nodes (None: every non-ensemble node)
+
+    @property
+    def is_ensemble(self) -> bool:
+        """A virtual node: no parameters, the mean of its members' logits."""
+        return self.model == ENSEMBLE
 
     @property
     def has_weights(self) -> bool:
@@ -95,7 +107,8 @@ class Graph:
             if not isinstance(node, Node):
                 raise TypeError(f"nodes[{i}]: expected a Node, got {type(node).__name__}")
             # the graph owns its nodes: inferring `frozen` must not touch the caller's objects
-            nodes.append(replace(node, model_kwargs=copy.deepcopy(node.model_kwargs)))
+            nodes.append(replace(node, model_kwargs=copy.deepcopy(node.model_kwargs),
+                                 members=list(node.members) if isinstance(node.members, (list, tuple)) else node.members))
         self.nodes = nodes
         self.validate()
 
@@ -120,11 +133,14 @@ class Graph:
         self.temperature = float(t)
         for i, node in enumerate(self.nodes):
             self._validate_node(i, node)
+            self._validate_members(i, node, m, self.nodes)
             if i > 0 and node.has_weights and self._row_is_cutoff(i):
                 node.frozen = True
         for i, node in enumerate(self.nodes):
             where = f"nodes[{i}]"
-            if node.frozen:
+            if node.is_ensemble:
+                self._validate_ensemble(i, node)
+            elif node.frozen:
                 if i == 0:
                     raise ValueError(f"{where}.frozen: node 0 is the target and can never be frozen")
                 if not node.has_weights:
@@ -145,6 +161,53 @@ class Graph:
                     f"checkpoint (nodes[{i}].checkpoint) or a pretrained file to use it as a frozen "
                     "pre-trained teacher")
         return self
+
+    def _validate_ensemble(self, i: int, node: Node) -> None:
+        where = f"nodes[{i}]"
+        if node.frozen:
+            raise ValueError(f"{where}.frozen: an ensemble node has no weights, so it cannot be frozen")
+        bad = [s for s, g in enumerate(self.gates[i]) if g != _CUTOFF]
+        if bad:
+            raise ValueError(f"gates[{i}]: node {i} is an ensemble (it learns nothing), so its gate row must be "
+                             f"all cutoff, but gates[{i}][{bad[0]}] is {self.gates[i][bad[0]]!r}")
+        members = self.ensemble_members(i)
+        if not members:
+            raise ValueError(f"{where}.members: an ensemble needs at least 1 member, and the graph has no "
+                             "non-ensemble node" if node.members is None else
+                             f"{where}.members: an ensemble needs at least 1 member, got []")
+
+    @staticmethod
+    def _validate_members(i: int, node: Node, m: int, nodes: Sequence[Node]) -> None:
+        where = f"nodes[{i}].members"
+        if node.members is None:
+            return
+        if not node.is_ensemble:
+            raise ValueError(f"{where}: only an ensemble node (model {ENSEMBLE!r}) has members, "
+                             f"node {i} is {node.model!r}")
+        if isinstance(node.members, (str, bytes)) or not isinstance(node.members, Sequence):
+            raise TypeError(f"{where}: expected a list of node indices, got {type(node.members).__name__}")
+        seen = set()
+        for s in node.members:
+            if isinstance(s, bool) or not isinstance(s, int):
+                raise TypeError(f"{where}: expected node indices, got {s!r}")
+            if not 0 <= s < m:
+                raise ValueError(f"{where}: node {s} is out of range (the graph has nodes 0..{m - 1})")
+            if s in seen:
+                raise ValueError(f"{where}: node {s} is listed twice")
+            if nodes[s].is_ensemble:
+                raise ValueError(f"{where}: node {s} is itself an ensemble; an ensemble of ensembles is not "
+                                 "supported (list the networks themselves)")
+            seen.add(s)
+        node.members = [int(s) for s in node.members]
+
+    def ensemble_members(self, i: int) -> tuple[int, ...]:
+        """The nodes whose logits node ``i`` (an ensemble) averages."""
+        node = self.nodes[i]
+        if not node.is_ensemble:
+            raise ValueError(f"node {i} ({node.model}) is not an ensemble")
+        if node.members is None:
+            return tuple(s for s, n in enumerate(self.nodes) if not n.is_ensemble)
+        return tuple(node.members)
 
     @staticmethod
     def _validate_node(i: int, node: Node) -> None:
@@ -199,6 +262,11 @@ class Graph:
             setattr(node, name, float(value))
         if node.opt is not None and (not isinstance(node.opt, str) or not node.opt.strip()):
             raise TypeError(f"{where}.opt: expected an optimiser name (e.g. 'sgd', 'adamw'), got {node.opt!r}")
+        if node.is_ensemble:
+            # a virtual node: nothing to load, nothing to build, nothing to optimise
+            for key in ("model_kwargs", "checkpoint", "pretrained", "pretrained_file", "lr", "opt", "weight_decay"):
+                if getattr(node, key) not in (None, False, {}):
+                    raise ValueError(f"{where}.{key}: an ensemble node has no parameters, so it takes no {key}")
 
     def check_models(self) -> "Graph":
         """Check that every node's model is a timm model (ours included). Returns ``self``."""
@@ -207,6 +275,8 @@ class Graph:
         from . import models  # noqa: F401  (registers the CIFAR networks)
 
         for i, node in enumerate(self.nodes):
+            if node.is_ensemble:
+                continue
             if not timm.is_model(node.model):
                 close = difflib.get_close_matches(node.model, timm.list_models(), n=5, cutoff=0.6)
                 hint = f"; close matches: {', '.join(close)}" if close else ""
@@ -225,7 +295,17 @@ class Graph:
 
     @property
     def trainable_nodes(self) -> tuple[int, ...]:
-        return tuple(i for i, n in enumerate(self.nodes) if not n.frozen)
+        return tuple(i for i, n in enumerate(self.nodes) if not n.frozen and not n.is_ensemble)
+
+    @property
+    def ensemble_nodes(self) -> tuple[int, ...]:
+        return tuple(i for i, n in enumerate(self.nodes) if n.is_ensemble)
+
+    @property
+    def reference_model(self) -> str:
+        """The model that decides the input size and evaluation crop: node 0's, or, when node
+        0 is an ensemble, its first member's."""
+        return self.nodes[self.ensemble_members(0)[0] if self.nodes[0].is_ensemble else 0].model
 
     @property
     def gate_codes(self) -> tuple[int, ...]:
@@ -272,6 +352,8 @@ class Graph:
                 raise ValueError("preset 'kd': node 1 (the frozen teacher) needs a checkpoint or pretrained weights")
             gates = [[_THROUGH, _THROUGH], [_CUTOFF, _CUTOFF]]
             default_t = 2.0
+        # an ensemble node learns nothing: whatever the preset opens, its row stays cutoff
+        gates = [[_CUTOFF] * m if nodes[t].is_ensemble else row for t, row in enumerate(gates)]
         return cls(list(nodes), gates, default_t if temperature is None else temperature)
 
     @classmethod
@@ -314,7 +396,8 @@ class Graph:
                     "model_kwargs": copy.deepcopy(n.model_kwargs),
                     "checkpoint": n.checkpoint,
                     "frozen": n.frozen,
-                    **{k: getattr(n, k) for k in _OPTIONAL_NODE_KEYS if getattr(n, k) not in (None, False)},
+                    **{k: copy.deepcopy(getattr(n, k)) for k in _OPTIONAL_NODE_KEYS
+                       if getattr(n, k) not in (None, False)},
                 }
                 for n in self.nodes
             ],
@@ -379,7 +462,11 @@ class Graph:
         lines.append(f"  {'node':<5} {'model':<{w}}  {'role':<9} checkpoint")
         for i, (n, name) in enumerate(zip(self.nodes, names)):
             role = "target" if i == 0 else ("frozen" if n.frozen else "trainable")
-            lines.append(f"  {i:<5} {name:<{w}}  {role:<9} {n.weights_source}")
+            source = n.weights_source
+            if n.is_ensemble:
+                role = "ensemble" if i else "target"
+                source = "mean of nodes " + "+".join(map(str, self.ensemble_members(i)))
+            lines.append(f"  {i:<5} {name:<{w}}  {role:<9} {source}")
         lines.append("  gates (row t = learner, column s = source, diagonal = label):")
         gw = max(len(g) for g in GATE_NAMES)
         lines.append("  " + " " * 5 + " ".join(f"{s:>{gw}}" for s in range(m)))
