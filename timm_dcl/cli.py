@@ -111,6 +111,10 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", "-b", type=int, default=64, help="per process")
     g.add_argument("--drop-last", action=argparse.BooleanOptionalAction, default=None,
                    help="drop each epoch's last partial batch (default: the recipe's, on for --recipe paper)")
+    from .config import ENSEMBLE_MEANS
+    g.add_argument("--ensemble-mean", default="logits", choices=ENSEMBLE_MEANS,
+                   help="how an ensemble node combines its members: the mean of their logits (as the authors' "
+                        "code) or probs, the log of the mean of their softmaxes")
     g.add_argument("--frozen-bn", default="eval", choices=FROZEN_BN,
                    help="frozen nodes' BatchNorm while training: eval (running statistics, SPEC §3) or train "
                         "(batch statistics, the running ones drift, as in the authors' code)")
@@ -155,7 +159,9 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
 def add_graph_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("graph")
     g.add_argument("--node-models", default=None, metavar="A,B,...",
-                   help="comma-separated timm model names, node 0 (the target) first")
+                   help="comma-separated timm model names, node 0 (the target) first; 'ensemble' is a "
+                        "virtual node, the mean of every other network's logits ('ensemble:1+2': of nodes 1 "
+                        "and 2), that only teaches (its gate row is cutoff)")
     g.add_argument("--gates", default=None, metavar="ROWS",
                    help='gate matrix, rows split by ";": row t lists the gates of the edges into '
                         'node t, sources in node order, e.g. "through,cutoff;correct,through"')
@@ -282,6 +288,25 @@ def _pretrained_files(items: list[str], num_nodes: int) -> dict[int, str]:
     return out
 
 
+def _cli_node(text: str, checkpoint: Optional[str], num_nodes: int):
+    """A --node-models entry: a timm model name, ``ensemble`` or ``ensemble:1+2``."""
+    from .graph import ENSEMBLE, Node
+
+    name, sep, rest = text.partition(":")
+    if name.strip() != ENSEMBLE:
+        return Node(text, checkpoint=checkpoint)
+    if checkpoint is not None:
+        raise CliError(f"--checkpoints: {text!r} is an ensemble node, which has no weights")
+    if not sep:
+        return Node(ENSEMBLE)
+    try:
+        members = [int(v) for v in rest.split("+")]
+    except ValueError:
+        raise CliError(f"--node-models {text!r}: expected ensemble:N+N+... with node indices, "
+                       f"e.g. ensemble:1+2") from None
+    return Node(ENSEMBLE, members=members)
+
+
 def graph_from_args(args: argparse.Namespace):
     """The graph a command line describes: --graph FILE, or --node-models with gates/preset,
     with the per-node flags (weights, model kwargs, recipe overrides) applied on top."""
@@ -307,7 +332,7 @@ def graph_from_args(args: argparse.Namespace):
             if len(checkpoints) != m:
                 raise CliError(f"--checkpoints has {len(checkpoints)} slots but there are {m} nodes "
                                "(use empty slots, e.g. ',teacher.pth')")
-        nodes = [Node(x, checkpoint=c) for x, c in zip(models, checkpoints)]
+        nodes = [_cli_node(x, c, m) for x, c in zip(models, checkpoints)]
 
     for node, kwargs in zip(nodes, parse_model_kwargs(getattr(args, "model_kwargs", []) or [], m)):
         node.model_kwargs.update(kwargs)

@@ -33,6 +33,8 @@ RESUME_SCHEDULES = ("replan", "keep")
 # timm-dcl: the project's defaults; paper: the authors' released code where it differs (SPEC §8).
 RECIPES = ("timm-dcl", "paper")
 FROZEN_BN = ("eval", "train")
+# how an ensemble node combines its members: mean of logits, or log of the mean of softmaxes
+ENSEMBLE_MEANS = ("logits", "probs")
 
 
 @dataclass
@@ -77,6 +79,7 @@ class TrainConfig:
     resume_schedule: str = "replan"
     seed: int = 0
     frozen_bn: str = "eval"  # "train": frozen nodes' BatchNorm uses batch statistics, as the authors' code
+    ensemble_mean: str = "logits"  # ensemble nodes: mean of logits (the authors' code) or "probs"
     # runtime
     edge_stats_every: int = 10  # edge diagnostics from every N-th training batch; 0: none
     mixed_precision: Optional[str] = None  # None: whatever the accelerate config says
@@ -153,6 +156,8 @@ class TrainConfig:
             raise ValueError(f"--recipe must be one of {', '.join(RECIPES)}, got {self.recipe!r}")
         if self.frozen_bn not in FROZEN_BN:
             raise ValueError(f"--frozen-bn must be eval or train, got {self.frozen_bn!r}")
+        if self.ensemble_mean not in ENSEMBLE_MEANS:
+            raise ValueError(f"--ensemble-mean must be logits or probs, got {self.ensemble_mean!r}")
         if int(self.edge_stats_every) < 0:
             raise ValueError(f"--edge-stats-every must be ≥ 0 (0: no edge diagnostics), got {self.edge_stats_every}")
 
@@ -232,7 +237,8 @@ def check_dataset_name(name: str) -> str:
 RECIPE_FIELDS = ("train_subset", "val_size", "img_size", "input_size", "crop_pct", "in_memory", "epochs", "batch_size",
                  "opt", "lr", "momentum", "nesterov", "weight_decay", "opt_filter_bias_bn", "clip_grad", "clip_mode",
                  "sched", "sched_on_updates", "decay_milestones", "decay_epochs", "decay_rate", "warmup_epochs",
-                 "warmup_lr", "min_lr", "seed", "recipe", "drop_last", "frozen_bn")
+                 "warmup_lr", "min_lr", "seed", "recipe", "drop_last", "frozen_bn",
+                 "ensemble_mean")
 
 
 # The flags: defined in timm_dcl.cli, importable from here as they always were.

@@ -98,6 +98,8 @@ def check_models_run(graph, input_size: tuple[int, int, int]) -> None:
     a model that cannot run at that size fails now, with its name, not after the data loaded."""
     x_shape = (1, *input_size)
     for i, spec in enumerate(graph.nodes):
+        if spec.is_ensemble:
+            continue  # virtual: no model to build
         where = f"node {i} ({spec.model})"
         kwargs = model_kwargs_for(spec, input_size)
         try:
