@@ -84,6 +84,9 @@ def write_summary(output: Path, history: list[dict], nodes, *, epochs: int, spli
     summary = {
         "nodes": [n.spec.model for n in nodes],
         "frozen": [n.frozen for n in nodes],
+        # each ensemble node's members (None for a network), only when the graph has one
+        **({"ensemble_members": [list(n.members) if n.is_ensemble else None for n in nodes]}
+           if any(n.is_ensemble for n in nodes) else {}),
         "final_top1": last["top1"] if last else None,
         "best_top1": [best[n.index] for n in nodes],
         "final_ensemble_top1": last["ensemble_top1"] if last else None,

@@ -27,7 +27,7 @@ from .recipe import GateClock, NodeOptimizers, build_node_optimizer, build_sched
 from .recipe import lr_at_epoch  # noqa: F401  (part of this module's API since the first release)
 from . import run_files
 
-__all__ = ["train_graph", "GraphTrainer", "TrainResult", "lr_at_epoch", "build_run_data"]
+__all__ = ["train_graph", "GraphTrainer", "TrainResult", "lr_at_epoch", "build_run_data", "ensemble_logits"]
 
 STATE_FORMAT = "timm_dcl.train.v1"
 EpochCallback = Callable[[dict], None]
@@ -46,19 +46,32 @@ class TrainResult:
 
 
 class _Node:
-    """One node at run time: its module, how it sees the input, and its optimiser's index."""
+    """One node at run time: its module, how it sees the input, and its optimiser's index.
+    An ensemble node has no module (``raw`` is None), only the indices of its ``members``."""
 
-    def __init__(self, index: int, spec, model: nn.Module, frozen: bool, normalise: bool = True):
+    def __init__(self, index: int, spec, model: Optional[nn.Module], frozen: bool, normalise: bool = True,
+                 members: tuple[int, ...] = ()):
         self.index = index
         self.spec = spec
         self.raw = model          # unwrapped: state_dict, evaluation
         self.train_model = model  # DDP-wrapped and/or compiled for training
         self.frozen = frozen
+        self.members = members
         self.opt_index: Optional[int] = None  # its optimiser inside NodeOptimizers
-        self.norm_key = pretrained_stats(model, normalise=normalise)
+        self.norm_key = pretrained_stats(model, normalise=normalise) if model is not None else None
+
+    @property
+    def is_ensemble(self) -> bool:
+        return self.raw is None
+
+    @property
+    def trains(self) -> bool:
+        return not self.frozen and not self.is_ensemble
 
     @property
     def label(self) -> str:
+        if self.is_ensemble:
+            return f"{self.index}: ensemble of " + "+".join(map(str, self.members))
         return f"{self.index}: {self.spec.model}" + (" (frozen)" if self.frozen else "")
 
 
@@ -76,7 +89,7 @@ class GraphTrainer:
         graph.check_models()
         self._check_rows()
         check_optimizer_names(graph, cfg)
-        target = graph.nodes[0].model
+        target = graph.reference_model
         self.input_size = tuple(data.input_size) if data is not None else resolve_input_size(cfg, target)
         check_models_run(graph, self.input_size)
 
@@ -146,19 +159,23 @@ class GraphTrainer:
 
     def _load_data(self):
         with self.accelerator.main_process_first():
-            return build_run_data(self.cfg, self.graph.nodes[0].model)
+            return build_run_data(self.cfg, self.graph.reference_model)
 
     def _check_rows(self) -> None:
         m = self.graph.num_nodes
         codes = self.graph.gate_codes
         for t, spec in enumerate(self.graph.nodes):
             row_cut = all(codes[t * m + s] == Gate.CUTOFF for s in range(m))
-            if row_cut and not spec.frozen:
+            if spec.is_ensemble and not row_cut:
+                raise ValueError(f"node {t} is an ensemble, which learns nothing: its gate row must be all cutoff")
+            if row_cut and not spec.frozen and not spec.is_ensemble:
                 raise ValueError(
                     f"node {t} ({spec.model}) has an all-cutoff gate row, so it would learn nothing: "
                     "give it a checkpoint (a frozen pre-trained node) or open one of its gates")
 
     def _build_node(self, index: int, spec) -> _Node:
+        if spec.is_ensemble:
+            return _Node(index, spec, None, False, members=self.graph.ensemble_members(index))
         model = create_node_model(spec, index, num_classes=self.num_classes, input_size=self.input_size,
                                   log=self.accelerator.print, paper_init=self.cfg.paper)
         if spec.frozen:
@@ -169,7 +186,7 @@ class GraphTrainer:
 
     def _prepare(self) -> None:
         acc, cfg = self.accelerator, self.cfg
-        trainable = [n for n in self.nodes if not n.frozen]
+        trainable = [n for n in self.nodes if n.trains]
         for i, n in enumerate(trainable):
             n.opt_index = i
         self.node_optimizers = NodeOptimizers([build_node_optimizer(n.raw, n.spec, cfg) for n in trainable],
@@ -185,7 +202,7 @@ class GraphTrainer:
         self.scheduler = build_scheduler(self.node_optimizers, cfg, epochs=self.planned_epochs,
                                          updates_per_epoch=len(self.train_loader))
         for n in self.nodes:
-            if n.frozen:
+            if n.frozen and not n.is_ensemble:
                 n.raw.to(acc.device)
                 n.train_model = n.raw
         # --compile compiles the whole step (normalisation, every node's forward, the loss op)
@@ -194,14 +211,14 @@ class GraphTrainer:
         self._train_step = torch.compile(self._forward_loss) if cfg.compile else self._forward_loss
         device = acc.device
         self._norms = {}
-        for key in {n.norm_key for n in self.nodes}:
+        for key in {n.norm_key for n in self.nodes if not n.is_ensemble}:
             mean, std = key
             self._norms[key] = (torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255.0,
                                 torch.tensor(std, device=device).view(1, -1, 1, 1) * 255.0)
 
     def node_lrs(self) -> list[float]:
-        """Each node's learning rate as its optimiser holds it now (0 for frozen nodes)."""
-        return [0.0 if n.frozen else float(self.node_optimizers.groups_of(n.opt_index)[0]["lr"])
+        """Each node's learning rate as its optimiser holds it now (0 for frozen and ensemble nodes)."""
+        return [0.0 if not n.trains else float(self.node_optimizers.groups_of(n.opt_index)[0]["lr"])
                 for n in self.nodes]
 
     # ------------------------------------------------------------------------- one step
@@ -217,16 +234,24 @@ class GraphTrainer:
         return out
 
     def _forward(self, inputs: dict, *, train: bool) -> list[torch.Tensor]:
-        logits = []
+        """Every node's logits, in node order; an ensemble's come from its members' (detached),
+        so the loss op sees it as one more source and needs no kernel of its own."""
+        logits: list = []
         for n in self.nodes:
+            if n.is_ensemble:
+                logits.append(None)
+                continue
             x = inputs[n.norm_key]
             if n.frozen or not train:
                 with torch.no_grad():
                     logits.append((n.raw if not train else n.train_model)(x))
             else:
                 logits.append(n.train_model(x))
-        if len({z.dtype for z in logits}) > 1:  # e.g. a head kept in float32 under autocast
-            logits = [z.float() for z in logits]
+        if len({z.dtype for z in logits if z is not None}) > 1:  # e.g. a head kept in float32 under autocast
+            logits = [z if z is None else z.float() for z in logits]
+        for n in self.nodes:
+            if n.is_ensemble:
+                logits[n.index] = ensemble_logits([logits[s].detach() for s in n.members], self.cfg.ensemble_mean)
         return logits
 
     def _forward_loss(self, images: torch.Tensor, labels: torch.Tensor, progress):
@@ -240,7 +265,7 @@ class GraphTrainer:
         # Unscale once (fp16), then clip every node on its own: the nodes are separate networks.
         self.accelerator.unscale_gradients()
         for n in self.nodes:
-            if not n.frozen:
+            if n.trains:
                 dispatch_clip_grad(n.raw.parameters(), self.cfg.clip_grad, mode=self.cfg.clip_mode)
 
     def _train_epoch(self, epoch: int) -> list[float]:
@@ -250,7 +275,7 @@ class GraphTrainer:
         for n in self.nodes:
             # --frozen-bn train: a frozen node's BatchNorm on batch statistics (its running ones
             # drift), as in the authors' code; it still gets no gradient and no update.
-            if not n.frozen or self._frozen_bn_train:
+            if n.trains or (n.frozen and self._frozen_bn_train):
                 n.train_model.train()
         self.train_loader.set_epoch(epoch)
         self.scheduler.step(epoch)
@@ -302,7 +327,7 @@ class GraphTrainer:
         import torch.distributed as dist
 
         for n in self.nodes:
-            if n.frozen and not self._frozen_bn_train:
+            if n.is_ensemble or (n.frozen and not self._frozen_bn_train):
                 continue
             for name, buf in n.raw.named_buffers():
                 if buf.is_floating_point():
@@ -311,11 +336,13 @@ class GraphTrainer:
 
     @torch.no_grad()
     def evaluate(self, split: str = "eval") -> tuple[list[float], float]:
-        """Top-1 (%) of every node and of the ensemble (mean of softmaxes) on ``split``
-        (``"eval"``: the test/valid split, ``"val"``: the held-out validation split)."""
+        """Top-1 (%) of every node and of the ensemble of all networks (mean of softmaxes; ensemble
+        nodes left out) on ``split`` (``"eval"``: the test/valid split, ``"val"``: the held-out
+        validation split). An ensemble node's top-1 is that of the logits it teaches with."""
         acc = self.accelerator
         for n in self.nodes:
-            n.raw.eval()
+            if not n.is_ensemble:
+                n.raw.eval()
         m = len(self.nodes)
         correct = torch.zeros(m + 1, dtype=torch.float64, device=acc.device)
         count = torch.zeros((), dtype=torch.float64, device=acc.device)
@@ -332,7 +359,8 @@ class GraphTrainer:
             for i, z in enumerate(logits):
                 z = z.float()
                 correct[i] += (z.argmax(dim=1) == labels).sum()
-                probs += z.softmax(dim=1)
+                if not self.nodes[i].is_ensemble:
+                    probs += z.softmax(dim=1)
             correct[m] += (probs.argmax(dim=1) == labels).sum()
             count += labels.shape[0]
         correct, count = acc.reduce(correct, reduction="sum"), acc.reduce(count, reduction="sum")
@@ -418,7 +446,9 @@ class GraphTrainer:
             "plan": {"epochs": self.planned_epochs, "iterations_per_epoch": len(self.train_loader),
                      "clock": self.clock.to_dict()},
             # A frozen node's state only changes with --frozen-bn train (its BN statistics drift).
-            "models": [None if n.frozen and not self._frozen_bn_train else n.raw.state_dict() for n in self.nodes],
+            # An ensemble node has no state at all.
+            "models": [None if n.is_ensemble or (n.frozen and not self._frozen_bn_train) else n.raw.state_dict()
+                       for n in self.nodes],
             "optimizer": self.node_optimizers.state_dict(),
             "scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler is not None else None,
             "rng": rng,
@@ -458,7 +488,7 @@ class GraphTrainer:
             raise ValueError(f"--resume: the run had {plan['iterations_per_epoch']} iterations per epoch, this one "
                              f"{len(self.train_loader)}: resume with the same data, batch size and processes")
         for n, model_state in zip(self.nodes, state["models"]):
-            if model_state is not None and (not n.frozen or self._frozen_bn_train):
+            if model_state is not None and (n.trains or (n.frozen and self._frozen_bn_train)):
                 n.raw.load_state_dict(model_state)
         self.node_optimizers.load_state_dict(state["optimizer"])
         if state.get("scaler") is not None and acc.scaler is not None:
@@ -497,11 +527,23 @@ class GraphTrainer:
 
     def _save_node_weights(self) -> None:
         for n, top1 in zip(self.nodes, self.history[-1]["top1"] if self.history else [None] * len(self.nodes)):
-            if n.frozen:
+            if not n.trains:
                 continue
             save_node_weights(self.output / "nodes" / node_weights_name(n.index, n.spec.model), n.raw,
                               model_name=n.spec.model, model_kwargs=n.spec.model_kwargs,
                               num_classes=self.num_classes, dataset=self.cfg.dataset, top1=top1)
+
+
+def ensemble_logits(members: list[torch.Tensor], mean: str = "logits") -> torch.Tensor:
+    """An ensemble node's logits from its members' ``[B, C]`` logits: their mean (``logits``),
+    or the log of the mean of their softmaxes (``probs``), which softmax maps back to that mean."""
+    z = torch.stack(members)
+    if mean == "logits":
+        return z.mean(dim=0)
+    if mean == "probs":
+        return (torch.logsumexp(z.float().log_softmax(dim=-1), dim=0) - torch.log(torch.tensor(float(len(members))))
+                ).to(z.dtype)
+    raise ValueError(f"--ensemble-mean must be logits or probs, got {mean!r}")
 
 
 def build_run_data(cfg: TrainConfig, target_model: str, *, val_size: Optional[int] = None):
