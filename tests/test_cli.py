@@ -128,3 +128,10 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path, shared_data, argv, 
     lines = [line for line in result.stderr.splitlines() if line.startswith("train_dcl.py: error:")]
     assert len(lines) == 1 and match in lines[0], result.stderr[-2000:]
     assert "Traceback" not in result.stderr
+
+
+def test_the_readme_example_config_is_valid():
+    args = _args("--config", str(REPO_ROOT / "examples" / "byod.yaml"))
+    assert args.node_models == "resnet20,resnet32" and args.dataset == "folder" and args.img_size == 64
+    assert args.pretrained_file == ["1:output/teacher/nodes/node0_resnet32.pth"] and args.node_lr == ["1:0.01"]
+    assert (args.sched, args.warmup_epochs, args.warmup_lr) == ("cosine", 1, 0.01)
