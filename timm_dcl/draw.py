@@ -105,8 +105,9 @@ def draw_graph(
                         zorder=3)
         ax.add_patch(circle)
         circles.append(circle)
-        text, size = _node_text(i, node.model if not node.is_ensemble else
-                                "ensemble " + "+".join(map(str, graph.ensemble_members(i))))
+        text, size = _node_text(i, node.model)
+        if node.is_ensemble:
+            text += "\nof " + "+".join(map(str, graph.ensemble_members(i)))
         x, y = pos[i]
         ax.text(x, y + 0.03, text, ha="center", va="center", fontsize=size, zorder=4,
                 fontweight="bold" if i == 0 else "normal", color="#1a1a1a", linespacing=1.15)

@@ -99,5 +99,7 @@ def write_summary(output: Path, history: list[dict], nodes, *, epochs: int, spli
         final = f"{last['top1'][n.index]:.2f}" if last else "-"
         rows.append(f"{n.label:<28} {final:>11} {best[n.index]:>10.2f}")
     if last and len(nodes) > 1:
-        rows.append(f"{'ensemble':<28} {last['ensemble_top1']:>11.2f}")
+        # beside ensemble nodes, say which ensemble this is: every network's softmaxes, averaged
+        name = "all networks (softmax mean)" if any(n.is_ensemble for n in nodes) else "ensemble"
+        rows.append(f"{name:<28} {last['ensemble_top1']:>11.2f}")
     printer("\n".join(rows))
