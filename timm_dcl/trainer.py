@@ -7,6 +7,7 @@ node, each with its own timm optimiser, under one lr schedule.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -541,8 +542,7 @@ def ensemble_logits(members: list[torch.Tensor], mean: str = "logits") -> torch.
     if mean == "logits":
         return z.mean(dim=0)
     if mean == "probs":
-        return (torch.logsumexp(z.float().log_softmax(dim=-1), dim=0) - torch.log(torch.tensor(float(len(members))))
-                ).to(z.dtype)
+        return (torch.logsumexp(z.float().log_softmax(dim=-1), dim=0) - math.log(len(members))).to(z.dtype)
     raise ValueError(f"--ensemble-mean must be logits or probs, got {mean!r}")
 
 
