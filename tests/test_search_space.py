@@ -159,3 +159,19 @@ def test_a_duplicate_of_a_running_trial_is_trained(tmp_path, monkeypatch):
     trial = study.ask()
     assert worker._objective(trial) == 10.0 + trial.number + 2
     assert calls == [trial.number] and trial.user_attrs["same_as_running"] == running.number
+
+
+def test_a_study_stored_before_a_recipe_field_existed_still_resumes(tmp_path):
+    import optuna
+
+    from timm_dcl.search.storage import SETTINGS_KEY, open_study
+
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'old.db'}")
+    old = {"epochs": 2, "lr": 0.1}
+    study = optuna.create_study(storage=storage, study_name="s", direction="maximize")
+    study.set_user_attr(SETTINGS_KEY, old)
+    # the newer version adds fields at their defaults: the same study
+    open_study(storage, "s", {**old, "ensemble_mean": "logits", "recipe": "timm-dcl"})
+    # a field set to another value is still another study
+    with pytest.raises(ValueError, match="ensemble_mean: 'logits' in the study, 'probs' now"):
+        open_study(storage, "s", {**old, "ensemble_mean": "probs"})

@@ -262,6 +262,15 @@ def _canonical(obj: Any) -> Any:
     return json.loads(json.dumps(obj, sort_keys=True))
 
 
+def _recipe_defaults() -> dict[str, Any]:
+    import dataclasses
+
+    from ..config import RECIPE_FIELDS, TrainConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+    return _canonical({k: defaults[k] for k in RECIPE_FIELDS if k in defaults})
+
+
 def open_study(storage: BaseStorage, study_name: str, settings: dict[str, Any], *,
                sampler: Optional[optuna.samplers.BaseSampler] = None,
                pruner: Optional[optuna.pruners.BasePruner] = None) -> optuna.Study:
@@ -277,6 +286,9 @@ def open_study(storage: BaseStorage, study_name: str, settings: dict[str, Any], 
         raise ValueError(f"study {study_name!r} exists in the storage but minimises; it is not a timm-dcl search")
     settings = _canonical(settings)
     stored = study.user_attrs.get(SETTINGS_KEY)
+    if stored is not None:
+        # A study stored before a recipe field existed ran with that field's default.
+        stored = {**{k: v for k, v in _recipe_defaults().items() if k in settings}, **stored}
     if stored is None:
         study.set_user_attr(SETTINGS_KEY, settings)
     elif stored != settings:
