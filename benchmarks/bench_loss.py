@@ -33,7 +33,6 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain checkout too
-import timm_dcl  # noqa: E402
 from timm_dcl import KTGLoss, kernels_available, ktg_loss, ktg_loss_reference  # noqa: E402
 from timm_dcl.gates import GATE_NAMES  # noqa: E402
 

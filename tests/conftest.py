@@ -1,6 +1,7 @@
 """Fixtures shared by the test files of timm-dcl."""
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -34,6 +35,42 @@ def shared_data() -> Path:
     if not path.is_dir():
         pytest.skip(f"shared data folder not found at {path}")
     return path
+
+
+def _parquet_copy(shared: Path, name: str) -> Path:
+    path = shared / name
+    if not (path / "train.parquet").is_file():
+        pytest.skip(f"{name} parquet copy not found in {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def cifar10_dir(shared_data) -> Path:
+    """The full CIFAR-10 copy (50,000 / 10,000 images) in the hub's parquet layout."""
+    return _parquet_copy(shared_data, "cifar10")
+
+
+@pytest.fixture(scope="session")
+def cifar10(cifar10_dir) -> str:
+    """The same, as the string a ``--data-dir`` flag takes."""
+    return str(cifar10_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(shared_data) -> Path:
+    """The Tiny-ImageNet subset (4,000 / 2,000 images) in the hub's parquet layout."""
+    return _parquet_copy(shared_data, "tiny-imagenet-200")
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    """Never touch the user's ~/.cache/timm_dcl from the tests."""
+    monkeypatch.setenv("TIMM_DCL_CACHE", str(tmp_path / "timm_dcl_cache"))
+
+
+def read_metrics(out: Path) -> list[dict]:
+    """A run directory's metrics.jsonl, one dict per epoch."""
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 # ---------------------------------------------------------------------------------------------

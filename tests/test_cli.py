@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 import train_dcl
 from timm_dcl.cli import CliError, parse_model_kwargs, split_top_level

@@ -23,28 +23,6 @@ from timm_dcl.data import (BatchLoader, DatasetUnavailableError, GPUAugment, Ima
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch):
-    # Never touch the user's ~/.cache/timm_dcl from the tests.
-    monkeypatch.setenv("TIMM_DCL_CACHE", str(tmp_path / "timm_dcl_cache"))
-
-
-@pytest.fixture(scope="module")
-def cifar10_dir(shared_data) -> Path:
-    path = shared_data / "cifar10"
-    if not (path / "train.parquet").is_file():
-        pytest.skip(f"CIFAR-10 parquet copy not found in {path}")
-    return path
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(shared_data) -> Path:
-    path = shared_data / "tiny-imagenet-200"
-    if not (path / "train.parquet").is_file():
-        pytest.skip(f"Tiny-ImageNet parquet copy not found in {path}")
-    return path
-
-
 @pytest.fixture(scope="module")
 def cifar10_small(cifar10_dir):
     return build_data("cifar10", data_dir=cifar10_dir, train_subset=200, eval_subset=100, seed=0, cache=False)

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,19 +14,6 @@ import torch.nn.functional as F
 
 from conftest import REPO_ROOT
 from timm_dcl.data import (ImageData, RandomResizedCropFlip, build_data, resized_crop_flip, sample_rrc_boxes)
-
-
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("TIMM_DCL_CACHE", str(tmp_path / "timm_dcl_cache"))
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(shared_data) -> Path:
-    path = shared_data / "tiny-imagenet-200"
-    if not (path / "train.parquet").is_file():
-        pytest.skip(f"Tiny-ImageNet parquet copy not found in {path}")
-    return path
 
 
 def _tiny(tiny_dir, **kw):

@@ -15,11 +15,6 @@ from conftest import TINY_MADE_CLASSES, TINY_MADE_PER_CLASS, tiny_wnids, write_t
 from timm_dcl.data import DatasetUnavailableError, build_data
 
 
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("TIMM_DCL_CACHE", str(tmp_path / "timm_dcl_cache"))
-
-
 def _rgb_chw(blob: bytes) -> torch.Tensor:
     from PIL import Image
     return torch.from_numpy(np.array(Image.open(io.BytesIO(blob)).convert("RGB"))).permute(2, 0, 1)

@@ -9,7 +9,6 @@ also interrupted after one epoch and resumed, and must end bit-identical to the 
 """
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ import pytest
 import torch
 
 import train_dcl
+from conftest import read_metrics
 from timm_dcl.config import TrainConfig
 from timm_dcl.graph import Graph, Node
 from timm_dcl.trainer import GraphTrainer, TrainResult
@@ -31,21 +31,12 @@ EPOCHS = 2
 LR = (0.1, 0.05)  # node 0 (the run's --lr), node 1 (its own)
 
 
-def _metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
 def _weights(path: Path) -> dict:
     return torch.load(path, weights_only=True)["state_dict"]
 
 
 def _no_time(records: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "time"} for r in records]
-
-
-@pytest.fixture(scope="module")
-def cifar10(shared_data) -> str:
-    return str(shared_data / "cifar10")
 
 
 @pytest.fixture(scope="module")
@@ -219,7 +210,7 @@ def test_frozen_teacher_teaches_with_eval_mode_logits(runs):
 
 def test_frozen_teacher_scores_what_it_scored_when_saved(runs):
     saved = torch.load(runs.teacher, weights_only=True)["top1"]
-    for record in _metrics(runs.straight_out):
+    for record in read_metrics(runs.straight_out):
         assert record["top1"][2] == pytest.approx(saved)
         assert record["lr"][2] == 0.0 and record["train_loss"][2] == 0.0
 
@@ -236,7 +227,7 @@ def test_each_step_applies_the_scheduled_lr_of_its_node(runs):
         assert runs.straight_watch.step_lrs[node] == pytest.approx(expected, rel=1e-3), node
         assert runs.resumed_watch.step_lrs[node] == pytest.approx(expected[per_epoch:], rel=1e-3), node
     # metrics.jsonl reports, per epoch, the lr the optimisers applied
-    assert [lr for r in _metrics(runs.straight_out) for lr in r["lr"]] == pytest.approx(
+    assert [lr for r in read_metrics(runs.straight_out) for lr in r["lr"]] == pytest.approx(
         [LR[0], LR[1], 0.0, LR[0] * 0.1, LR[1] * 0.1, 0.0])
 
 
@@ -275,7 +266,7 @@ def test_ensemble_top1_is_the_mean_of_the_nodes_softmaxes(runs):
     ensemble = float((torch.stack(probs).mean(0).argmax(1) == labels).double().mean() * 100)
     # the check can tell the ensemble from any single node on this run
     assert all(abs(ensemble - t) >= 1.0 for t in top1), (ensemble, top1)
-    last = _metrics(out)[-1]
+    last = read_metrics(out)[-1]
     assert last["top1"] == pytest.approx(top1, abs=1e-9)
     assert last["ensemble_top1"] == pytest.approx(ensemble, abs=1e-9)
 
@@ -285,7 +276,7 @@ def test_ensemble_top1_is_the_mean_of_the_nodes_softmaxes(runs):
 
 def test_interrupted_run_with_linear_gates_resumes_bit_identical(runs):
     assert runs.saved["epoch"] == 1 and runs.saved["iteration"] == len(runs.straight.train_loader)
-    assert _no_time(_metrics(runs.resumed_out)) == _no_time(_metrics(runs.straight_out))
+    assert _no_time(read_metrics(runs.resumed_out)) == _no_time(read_metrics(runs.straight_out))
     for name in ("node0_resnet20.pth", "node1_resnet20.pth"):
         a, b = _weights(runs.resumed_out / "nodes" / name), _weights(runs.straight_out / "nodes" / name)
         assert a.keys() == b.keys()
@@ -328,7 +319,7 @@ def test_non_finite_loss_stops_the_run_before_its_checkpoint(tmp_path, cifar10):
     with pytest.raises(FloatingPointError, match="epoch 2: the training loss is not finite"):
         trainer.fit()
     state = torch.load(tmp_path / "run" / "checkpoints" / "last.pth", weights_only=False)
-    assert state["epoch"] == 1 and len(_metrics(tmp_path / "run")) == 1
+    assert state["epoch"] == 1 and len(read_metrics(tmp_path / "run")) == 1
     assert all(torch.isfinite(v).all() for v in state["models"][0].values() if v.is_floating_point())
 
 

@@ -28,11 +28,6 @@ TRAIN_IMAGES, BATCH, EPOCHS = 140, 64, 5
 DATA = dict(dataset="cifar10", eval_subset=20, workers=0, progress_bar=False, seed=0)
 
 
-@pytest.fixture(scope="module")
-def cifar10(shared_data) -> str:
-    return str(shared_data / "cifar10")
-
-
 @dataclass
 class Watch:
     progress: list[float] = field(default_factory=list)

@@ -30,11 +30,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-@pytest.fixture(scope="module")
-def cifar10(shared_data) -> str:
-    return str(shared_data / "cifar10")
-
-
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """Tiny batches gain nothing from a second thread, and lose much when the cores are busy."""

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import train_dcl
+from conftest import read_metrics
 from timm_dcl.trainer import lr_at_epoch
 from timm_dcl.config import TrainConfig
 
@@ -24,15 +25,6 @@ def _run(tmp: Path, name: str, *args: str) -> Path:
     code = train_dcl.main([*args, "--output", str(out)])
     assert code == 0
     return out
-
-
-def _metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-@pytest.fixture(scope="module")
-def cifar10(shared_data) -> str:
-    return str(shared_data / "cifar10")
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +41,7 @@ def test_outputs_of_a_real_run(two_epochs):
                  "curves.png", "summary.json", "checkpoints/last.pth", "checkpoints/best.pth",
                  "nodes/node0_resnet20.pth", "nodes/node1_resnet20.pth"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
-    records = _metrics(out)
+    records = read_metrics(out)
     assert [r["epoch"] for r in records] == [1, 2]
     for r in records:
         assert set(r) >= {"epoch", "top1", "ensemble_top1", "train_loss", "lr", "time"}
@@ -83,9 +75,9 @@ def test_outputs_of_a_real_run(two_epochs):
 def test_resume_is_bit_identical(tmp_path, two_epochs, cifar10):
     common = ["--node-models", "resnet20,resnet20", "--dataset", "cifar10", "--data-dir", cifar10, *TINY]
     out = _run(tmp_path, "run", *common, "--epochs", "1")
-    assert len(_metrics(out)) == 1
+    assert len(read_metrics(out)) == 1
     assert train_dcl.main(["--resume", str(out), "--epochs", "2", *TINY]) == 0
-    resumed, straight = _metrics(out), _metrics(two_epochs)
+    resumed, straight = read_metrics(out), read_metrics(two_epochs)
     strip = lambda rs: [{k: v for k, v in r.items() if k != "time"} for r in rs]  # noqa: E731
     assert strip(resumed) == strip(straight)
     for i in range(2):
@@ -109,7 +101,7 @@ def test_kd_with_a_frozen_teacher(tmp_path, two_epochs, cifar10):
     graph = json.loads((out / "graph.json").read_text())
     assert graph["temperature"] == 2.0 and graph["nodes"][1]["frozen"] is True
     assert not (out / "nodes" / "node1_resnet20.pth").exists()  # frozen nodes are not re-saved
-    record = _metrics(out)[0]
+    record = read_metrics(out)[0]
     assert record["train_loss"][1] == 0.0 and record["lr"][1] == 0.0
     # The teacher's test accuracy equals the one it had when it was saved (eval mode, no updates).
     teacher_top1 = torch.load(teacher, weights_only=True)["top1"]
@@ -189,7 +181,7 @@ def test_two_process_ddp_keeps_nodes_in_sync(tmp_path, cifar10):
     # Each rank has its own RNG stream (seed + rank: dropout and drop-path differ), saved for the resume.
     state = torch.load(tmp_path / "run" / "checkpoints" / "last.pth", weights_only=False)
     assert len(state["rng"]) == 2 and not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
-    assert len(_metrics(tmp_path / "run")) == 1
+    assert len(read_metrics(tmp_path / "run")) == 1
 
 
 @pytest.mark.parametrize("model", ["resnet20", "resnet32"])

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import train_dcl
+from conftest import read_metrics
 from timm_dcl.config import TrainConfig
 from timm_dcl.graph import Graph, Node
 from timm_dcl.recipe import planned_lrs
@@ -23,17 +24,8 @@ def _run(out: Path, *args: str) -> Path:
     return out
 
 
-def _metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
 def _weights(path: Path) -> dict:
     return torch.load(path, weights_only=True)["state_dict"]
-
-
-@pytest.fixture(scope="module")
-def cifar10(shared_data) -> str:
-    return str(shared_data / "cifar10")
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +42,7 @@ def test_image_folder_cifar_resnet_and_vit_at_64px(tmp_path, tiny_image_folder):
     out = _run(tmp_path / "run", "--node-models", "resnet20,vit_tiny_patch16_224", "--dataset", "folder",
                "--data-dir", str(tiny_image_folder), "--img-size", "64", "--epochs", "1", "--opt", "adamw",
                "--lr", "1e-3", "--weight-decay", "0.05", *FAST)
-    record = _metrics(out)[0]
+    record = read_metrics(out)[0]
     assert len(record["top1"]) == 2 and all(0 <= t <= 100 for t in record["top1"])
     assert all(v > 0 for v in record["train_loss"])
     vit = _weights(out / "nodes" / "node1_vit_tiny_patch16_224.pth")
@@ -66,7 +58,7 @@ def test_parquet_other_columns_streaming_adamw_warmup_cosine_and_yaml_round_trip
             "--opt", "adamw", "--lr", "2e-3", "--weight-decay", "0.05", "--sched", "cosine", "--warmup-epochs", "1",
             "--warmup-lr", "1e-4", "--min-lr", "1e-5", "--node-lr", "1:5e-4", "--epochs", "3", *FAST]
     out = _run(tmp_path / "run", *args)
-    records = _metrics(out)
+    records = read_metrics(out)
     cfg = TrainConfig(epochs=3, opt="adamw", lr=2e-3, sched="cosine", warmup_epochs=1, warmup_lr=1e-4, min_lr=1e-5)
     expected = planned_lrs(cfg, base_lrs=[2e-3, 5e-4])
     # the lr each node's optimiser held, epoch by epoch: warm-up, then cosine, node 1 on its own lr
@@ -77,7 +69,7 @@ def test_parquet_other_columns_streaming_adamw_warmup_cosine_and_yaml_round_trip
     assert "image_column: picture" in saved and "node_lr:" in saved
     again = _run(tmp_path / "again", "--config", str(out / "config.yaml"))
     strip = lambda rs: [{k: v for k, v in r.items() if k != "time"} for r in rs]  # noqa: E731
-    assert strip(_metrics(again)) == strip(records)
+    assert strip(read_metrics(again)) == strip(records)
 
 
 def test_local_weight_file_with_a_new_classifier_and_a_warm_start(tmp_path, cifar_teacher, tiny_image_folder):
@@ -117,7 +109,7 @@ def test_frozen_teacher_from_a_pretrained_file(tmp_path, cifar_teacher, cifar10)
                "--eval-subset", "100", *FAST)
     graph = json.loads((out / "graph.json").read_text())
     assert graph["nodes"][1]["frozen"] is True and graph["nodes"][1]["pretrained_file"] == str(file)
-    record = _metrics(out)[0]
+    record = read_metrics(out)[0]
     assert record["lr"][1] == 0.0 and record["train_loss"][1] == 0.0
     # eval mode, no updates: the teacher scores what it scored when it was saved, on the same images
     assert record["top1"][1] == pytest.approx(torch.load(cifar_teacher, weights_only=True)["top1"])
@@ -147,7 +139,7 @@ def test_resume_with_more_epochs(tmp_path, cifar10, capsys, mode):
     capsys.readouterr()
     assert train_dcl.main(["--resume", str(out), "--epochs", "4", "--resume-schedule", mode]) == 0
     said = capsys.readouterr().out
-    records = _metrics(out)
+    records = read_metrics(out)
     assert [r["epoch"] for r in records] == [1, 2, 3, 4]
     clock = torch.load(out / "checkpoints" / "last.pth", weights_only=False)["plan"]["clock"]
     if mode == "replan":
@@ -191,7 +183,7 @@ def test_log_with_tensorboard(tmp_path, cifar10):
     tags = set(acc.Tags()["scalars"])
     assert {"top1/0", "top1/1", "top1/ensemble", "loss/0", "lr/0", "lr/1"} <= tags
     top1 = [e.value for e in acc.Scalars("top1/0")]
-    assert top1 == pytest.approx([r["top1"][0] for r in _metrics(out)])
+    assert top1 == pytest.approx([r["top1"][0] for r in read_metrics(out)])
 
 
 def test_without_log_with_no_tracker_runs(tmp_path, cifar10):

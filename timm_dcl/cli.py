@@ -310,7 +310,7 @@ def _cli_node(text: str, checkpoint: Optional[str], num_nodes: int):
 def graph_from_args(args: argparse.Namespace):
     """The graph a command line describes: --graph FILE, or --node-models with gates/preset,
     with the per-node flags (weights, model kwargs, recipe overrides) applied on top."""
-    from .graph import Graph, Node
+    from .graph import Graph
 
     if args.graph:
         if args.node_models or args.gates or args.preset:

@@ -32,7 +32,7 @@ from optuna.study import MaxTrialsCallback
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from ..graph import Graph
-from .space import InvalidGraph, SearchSpace, graph_text
+from .space import InvalidGraph, SearchSpace
 from .storage import Heartbeat, JournalHeartbeatStorage, fail_stale
 
 __all__ = ["WorkerInfo", "isolate_worker", "SearchWorker", "enqueue_baselines", "trial_key", "FINISHED"]
