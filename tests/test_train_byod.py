@@ -214,3 +214,23 @@ def test_compile_compiles_the_whole_step_and_matches_eager(cifar10, monkeypatch)
     for a, b in zip(eager.history, compiled.history):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4, abs=1e-5)
         assert a["lr"] == b["lr"]
+
+
+def test_sched_on_updates_records_each_epochs_first_lr(tmp_path, cifar10):
+    out = _run(tmp_path / "run", "--node-models", "resnet20", "--dataset", "cifar10", "--data-dir", cifar10,
+               "--train-subset", "64", "--eval-subset", "10", "--epochs", "2", "--sched", "step", "--decay-epochs", "1",
+               "--decay-rate", "0.5", "--sched-on-updates", *FAST)
+    # 4 updates an epoch: epoch 1 runs at 0.1 from its first step, epoch 2 at 0.05
+    assert [r["lr"] for r in read_metrics(out)] == [[0.1], [0.05]]
+
+
+def test_clip_grad_bounds_every_update(cifar10):
+    graph = Graph([Node("resnet20")], [["through"]])
+    cfg = TrainConfig(dataset="cifar10", data_dir=cifar10, train_subset=64, eval_subset=10, batch_size=16, epochs=1,
+                      workers=0, progress_bar=False, weight_decay=0.0, momentum=0.0, clip_grad=1e-6)
+    trainer = GraphTrainer(graph, cfg)
+    before = {k: p.detach().clone() for k, p in trainer.nodes[0].raw.named_parameters()}
+    trainer.fit()
+    moved = sum((p.detach() - before[k]).square().sum() for k, p in trainer.nodes[0].raw.named_parameters()).sqrt()
+    # plain SGD, 4 updates of lr 0.1 × a gradient of norm ≤ 1e-6
+    assert 0 < float(moved) <= 4 * 0.1 * 1e-6 * 1.001

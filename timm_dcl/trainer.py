@@ -282,6 +282,8 @@ class GraphTrainer:
         self.scheduler.step(epoch)
         if cfg.sched_on_updates:
             self.scheduler.step_update(self.iteration)
+        # Read here: with --sched-on-updates the lr after the last step is already the next one's.
+        self.epoch_lrs = self.node_lrs()
         # Augmentation randomness depends only on (seed, epoch, rank): a resume replays it exactly.
         gen = torch.Generator(device=acc.device)
         gen.manual_seed(cfg.seed * 1_000_003 + epoch * 7919 + acc.process_index)
@@ -383,7 +385,7 @@ class GraphTrainer:
             for epoch in range(self.epoch, cfg.epochs):
                 start = time.perf_counter()
                 train_loss = self._train_epoch(epoch)
-                lrs = self.node_lrs()  # as the optimisers held them during the epoch's last step
+                lrs = self.epoch_lrs  # as the optimisers held them for the epoch's first step
                 self._sync_buffers()
                 top1, ens = self.evaluate(self.eval_name)
                 record = {
