@@ -9,6 +9,8 @@ processes share; or --storage postgresql://... for machines) cooperates on one s
 exactly --n-trials trials have finished; running the command again resumes it.
 `accelerate launch --num_processes N search_dcl.py ...` runs N workers, one per GPU. The study
 starts with the baselines (independent, DML, KD where --pretrained-dir has a teacher).
+--ensemble-target makes node 0 the ensemble of the other nodes; --feature-edges samples the
+feature (attention-transfer) gates too.
 
     python search_dcl.py <the same flags> --report --report-top 3 --report-seeds 3
 
@@ -39,7 +41,17 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=HelpFormatter)
     g = parser.add_argument_group("search space")
     g.add_argument("--num-nodes", type=int, default=3, metavar="M", help="nodes of the graph, the target included")
-    g.add_argument("--target-model", default="resnet32", help="node 0, the network whose accuracy is optimised")
+    # None: not given (resnet32 by default, refused with --ensemble-target)
+    g.add_argument("--target-model", default=None,
+                   help="node 0, the network whose accuracy is optimised (default: resnet32)")
+    g.add_argument("--ensemble-target", action="store_true",
+                   help="node 0 is the ensemble of nodes 1…M−1 (all drawn from --candidates; M ≥ 2) and the search "
+                        "optimises its top-1; its gate row is cutoff, not sampled; no --target-model")
+    g.add_argument("--feature-edges", action="store_true",
+                   help="sample the feature gates too (attention transfer, fgate_<t>_<s> for s ≠ t); those into "
+                        "frozen nodes and into or out of an ensemble are cut")
+    g.add_argument("--feature-weight", type=float, default=None, metavar="W",
+                   help="weight of the feature edges' loss (default: the graph's, 500; needs --feature-edges)")
     g.add_argument("--candidates", default="resnet32,resnet110,wrn28_2", metavar="A,B,...",
                    help="timm models that nodes 1…M−1 choose from")
     g.add_argument("--pretrained-dir", default=None, metavar="DIR",
@@ -52,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--storage", default=None, metavar="URL",
                    help="an Optuna storage URL (postgresql://user:pw@host/db, sqlite:///f.db) or a journal file "
                         "path (default: OUTPUT/study.journal, shared safely by local processes)")
-    g.add_argument("--study-name", default=None, help="default: ktg-<dataset>-<M>nodes")
+    g.add_argument("--study-name", default=None,
+                   help="default: ktg-<dataset>-<M>nodes, plus -ensemble and -features in those modes")
     g.add_argument("--sampler", default="random", choices=("random", "tpe"), help="random: the paper's")
     g.add_argument("--sampler-seed", type=int, default=None,
                    help="seed of the sampler (plus the worker's rank under accelerate launch)")
@@ -74,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "OUTPUT/report.md, report.json, report.png (runs in OUTPUT/report/, resumable)")
     g.add_argument("--report-top", type=int, default=3, metavar="K", help="searched graphs in the report")
     g.add_argument("--report-seeds", type=int, default=3, metavar="N", help="runs per graph in the report")
-    g.add_argument("--output", default=None, metavar="DIR", help="default: output/search/<dataset>-<M>nodes")
+    g.add_argument("--output", default=None, metavar="DIR",
+                   help="default: output/search/<dataset>-<M>nodes, plus -ensemble and -features in those modes")
     add_data_args(parser)
     add_train_args(parser)
     # the objective is measured on a split held out of the training data
@@ -127,14 +141,20 @@ def _search(args: argparse.Namespace, worker) -> int:
                              "--val-size must be ≥ 1")
         report = ReportSettings(args.report_top, args.report_seeds, args.poll_interval) if args.report else None
         candidates = [c.strip() for c in args.candidates.split(",") if c.strip()]
+        if args.feature_weight is not None and not args.feature_edges:
+            raise ValueError("--feature-weight weighs the feature edges: it needs --feature-edges")
         space = SearchSpace(args.num_nodes, args.target_model, tuple(candidates), args.dataset,
-                            args.pretrained_dir, args.temperature)
-        output = Path(args.output or Path("output") / "search" / f"{args.dataset}-{args.num_nodes}nodes")
+                            args.pretrained_dir, args.temperature, ensemble_target=args.ensemble_target,
+                            feature_edges=args.feature_edges,
+                            **({} if args.feature_weight is None else {"feature_weight": args.feature_weight}))
+        # the modes get their own default study: one study never mixes them (its settings refuse it)
+        mode = ("-ensemble" if args.ensemble_target else "") + ("-features" if args.feature_edges else "")
+        output = Path(args.output or Path("output") / "search" / f"{args.dataset}-{args.num_nodes}nodes{mode}")
         cfg = TrainConfig.from_args(args, output=None, eval_split="val")
         pruner = make_pruner(args.min_resource, args.reduction_factor)
         seed = None if args.sampler_seed is None else args.sampler_seed + worker.rank
         sampler = make_sampler(args.sampler, seed)
-        study_name = args.study_name or f"ktg-{args.dataset}-{args.num_nodes}nodes"
+        study_name = args.study_name or f"ktg-{args.dataset}-{args.num_nodes}nodes{mode}"
         storage = open_storage(args.storage, output / "study.journal", heartbeat_interval=args.heartbeat_interval,
                                grace_period=args.grace_period)
         if report is not None and study_name not in optuna.study.get_all_study_names(storage):
@@ -164,7 +184,7 @@ def _search(args: argparse.Namespace, worker) -> int:
         from timm_dcl.trainer import build_run_data
 
         try:
-            return build_run_data(cfg, args.target_model, val_size=val_size)
+            return build_run_data(cfg, space.input_model, val_size=val_size)
         except (ValueError, FileNotFoundError, OSError, RuntimeError, KeyError) as e:  # DatasetUnavailableError…
             raise _DataError(f"--dataset {cfg.dataset}: {e}") from None
 
@@ -192,8 +212,10 @@ def _search(args: argparse.Namespace, worker) -> int:
             bar.n = finished
             bar.refresh()
 
-    settings = ", ".join(f"{k}={getattr(args, k)}" for k in ("num_nodes", "target_model", "candidates", "epochs",
-                                                             "sampler", "reduction_factor", "min_resource"))
+    settings = ", ".join(f"{k}={v}" for k, v in (
+        ("num_nodes", args.num_nodes), ("target_model", space.target_model), ("candidates", args.candidates),
+        ("feature_edges", args.feature_edges), ("epochs", args.epochs), ("sampler", args.sampler),
+        ("reduction_factor", args.reduction_factor), ("min_resource", args.min_resource)))
     say(f"worker {worker.name}: study {study_name!r} ({settings}), {args.n_trials} trials in total")
     try:
         data = load_data(cfg.val_size)

@@ -10,7 +10,7 @@ from optuna.trial import TrialState
 
 from .storage import rung_epochs
 
-__all__ = ["plot_rungs", "plot_report"]
+__all__ = ["plot_rungs", "plot_report", "gate_marks"]
 
 
 def _save(fig, path: Path) -> None:
@@ -71,6 +71,12 @@ def plot_rungs(study: optuna.Study, path: Path, *, min_resource: int, reduction_
 _GATE_MARKS = {"through": "T", "cutoff": "-", "linear": "L", "correct": "C"}
 
 
+def gate_marks(gates: str | Sequence[Sequence[str]]) -> str:
+    """A gate matrix (or its CLI text) in one glance: rows split by |, e.g. T--|-T-|--T."""
+    rows = [r.split(",") for r in gates.split(";")] if isinstance(gates, str) else gates
+    return "|".join("".join(_GATE_MARKS.get(g, "?") for g in row) for row in rows)
+
+
 def plot_report(rows: Sequence[dict], path: Path, *, title: Optional[str] = None) -> None:
     """One line per graph: every seed's node-0 test top-1 as a dot, the mean ± std as a bar."""
     import matplotlib
@@ -89,13 +95,13 @@ def plot_report(rows: Sequence[dict], path: Path, *, title: Optional[str] = None
             ax.errorbar([row["mean"]], [y], xerr=[row["std"] or 0.0], fmt="|", ms=14, color="black", capsize=4,
                         zorder=4)
         rank = f" #{row['rank']}" if row.get("rank") else ""
-        # the gate matrix in one glance: rows split by |, e.g. T--|-T-|--T for independent training
-        gates = "|".join("".join(_GATE_MARKS.get(g, "?") for g in r.split(",")) for r in row["gates"].split(";"))
+        gates = gate_marks(row["gates"]) + (f" AT {gate_marks(row['feature_gates'])}" if row.get("feature_gates") else "")
         labels.append(f"{row['role']}{rank}  {gates}" + (f"  {row['models']}" if show_models else ""))
     ax.set_yticks(range(len(rows)), labels, fontsize=8, fontfamily="monospace")
     ax.set_ylim(len(rows) - 0.5, -0.5)
     ax.set_xlabel("node 0 top-1 (%): dots = seeds, bar = mean ± std\n"
-                  "gates by target row: T through, - cutoff, L linear, C correct", fontsize=8)
+                  "gates by target row" + (" (AT: feature edges)" if any(r.get("feature_gates") for r in rows) else "")
+                  + ": T through, - cutoff, L linear, C correct", fontsize=8)
     ax.set_title(title or "final report", fontsize=10)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()

@@ -180,9 +180,10 @@ def run_report(study: optuna.Study, space: SearchSpace, cfg, output: str | os.Pa
                 if data is None:
                     data = load_data()
                 resume = (run / "checkpoints" / "last.pth").is_file()
-                graph = space.build(list(g.canon.models[1:]), [list(row) for row in g.canon.gates])
+                graph = space.build_canonical(g.canon)
+                features = f" features [{g.canon.feature_gates_text}]" if g.canon.feature_gates else ""
                 say(f"report: {'resuming' if resume else 'training'} {g.role} {g.canon.models_text} "
-                    f"[{g.canon.gates_text}] seed {k} → {run}")
+                    f"[{g.canon.gates_text}]{features} seed {k} → {run}")
                 start = time.perf_counter()
                 try:
                     with open(run.with_name(f"seed{k}.log"), "a", buffering=1) as log, \
@@ -211,7 +212,10 @@ def run_report(study: optuna.Study, space: SearchSpace, cfg, output: str | os.Pa
         mean, std = _mean_std(finished)
         ens_mean, ens_std = _mean_std([v for v in ens if v is not None])
         rows.append({"role": g.role, "rank": g.rank, "trial": g.trial, "val_top1": g.val_top1,
-                     "models": g.canon.models_text, "gates": g.canon.gates_text, "graph_id": g.canon.id,
+                     "models": g.canon.models_text, "gates": g.canon.gates_text,
+                     # only with an open feature edge: a logit-only study's report.json is as before
+                     **({"feature_gates": g.canon.feature_gates_text} if g.canon.feature_gates else {}),
+                     "graph_id": g.canon.id,
                      "seeds": [cfg.seed + k for k in range(settings.seeds)], "top1": top1, "mean": mean, "std": std,
                      "n": len(finished), "diverged": len(top1) - len(finished),
                      "ensemble_top1": ens, "ensemble_mean": ens_mean, "ensemble_std": ens_std,
@@ -234,17 +238,22 @@ def _fmt(mean: Optional[float], std: Optional[float]) -> str:
 def _markdown(report: dict, space: SearchSpace, cfg) -> str:
     subset = f"a {cfg.train_subset}-image subset of " if cfg.train_subset else ""
     test = f"{cfg.eval_subset} images of " if cfg.eval_subset else ""
+    features = any("feature_gates" in r for r in report["rows"])
+    target = "the ensemble of nodes 1…M−1" if space.ensemble_target else space.target_model
     lines = [f"# Final report: study `{report['study']}`", "",
-             f"Node 0 ({space.target_model}) top-1 (%) on {test}the {cfg.dataset} test split at the last epoch "
+             f"Node 0 ({target}) top-1 (%) on {test}the {cfg.dataset} test split at the last epoch "
              f"({cfg.epochs}) of training on {subset}the whole training split (validation images included), "
              f"mean ± sample std over n seeds; the ensemble averages every node's softmax. Searched graphs are the "
              f"best by the search's validation score (rank); a searched graph equal to a baseline is listed once, "
-             "as the baseline. Gates: row t lists the edges into node t, sources in node order, diagonal = labels.",
-             "", "| graph | rank | models | gates | node 0 top-1 | n | ensemble top-1 | per seed |",
-             "|---|---|---|---|---|---|---|---|"]
+             "as the baseline. Gates: row t lists the edges into node t, sources in node order, diagonal = labels."
+             + (" Feature gates: the attention-transfer edges, in the same form (- : none)." if features else ""),
+             "", "| graph | rank | models | gates | " + ("feature gates | " if features else "")
+             + "node 0 top-1 | n | ensemble top-1 | per seed |",
+             "|---|---|---|---|---|---|---|---|" + ("---|" if features else "")]
     for r in report["rows"]:
         seeds = ", ".join("diverged" if v is None else f"{v:.2f}" for v in r["top1"])
         rank = f"#{r['rank']} (val {r['val_top1']:.2f})" if r["rank"] else ""
-        lines.append(f"| {r['role']} | {rank} | {r['models']} | `{r['gates']}` | {_fmt(r['mean'], r['std'])} | "
+        fg = (f"`{r['feature_gates']}` | " if "feature_gates" in r else "- | ") if features else ""
+        lines.append(f"| {r['role']} | {rank} | {r['models']} | `{r['gates']}` | {fg}{_fmt(r['mean'], r['std'])} | "
                      f"{r['n']} | {_fmt(r['ensemble_mean'], r['ensemble_std'])} | {seeds} |")
     return "\n".join(lines) + "\n"

@@ -1,12 +1,16 @@
 """The search space (SPEC §6): node models and edge gates, canonical graphs, the baselines.
 
-A trial samples the model of every node but node 0 and the gate of each of the M² edges.
-Two samples can describe the same graph:
+A trial samples the model of every node but node 0 and the gate of each of the M² edges;
+optionally (``feature_edges``) the gate of each feature edge s → t, s ≠ t, too. Node 0 is
+the target model, or (``ensemble_target``) the ensemble of nodes 1…M−1, which learns nothing:
+its gate row is then not sampled. Two samples can describe the same graph:
 
 - a correct gate on the diagonal keeps the samples whose *label* is right, i.e. all of
   them: it is a through gate (SPEC §2);
-- nodes 1…M−1 are interchangeable: relabelling them (models, rows and columns together)
-  trains the same graph.
+- a feature edge into a node that learns nothing (frozen, or an ensemble) or out of an
+  ensemble (it has no features) trains nothing: it is a cutoff;
+- nodes 1…M−1 are interchangeable: relabelling them (models, rows and columns of both gate
+  matrices together) trains the same graph.
 
 :func:`canonical_graph` maps every sample to one representative of its class, so the search
 can store, report and recognise graphs by what they train, not by how they were drawn.
@@ -24,14 +28,17 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from ..gates import GATE_NAMES, Gate
-from ..graph import Graph, Node
+from ..graph import DEFAULT_FEATURE_WEIGHT, ENSEMBLE, Graph, Node
 from ..pretrained import find_pretrained
 
-__all__ = ["DEFAULT_CANDIDATES", "InvalidGraph", "SearchSpace", "Baseline", "CanonicalGraph",
-           "canonical_gates", "canonical_graph", "graph_text", "MAX_PERMUTED_NODES"]
+__all__ = ["DEFAULT_CANDIDATES", "DEFAULT_TARGET", "InvalidGraph", "SearchSpace", "Baseline", "CanonicalGraph",
+           "canonical_gates", "canonical_feature_gates", "canonical_graph", "graph_text", "split_key",
+           "MAX_PERMUTED_NODES"]
 
 #: The models the paper searched over for nodes 1…M−1 (SPEC §6).
 DEFAULT_CANDIDATES = ("resnet32", "resnet110", "wrn28_2")
+#: Node 0 of the paper's searches.
+DEFAULT_TARGET = "resnet32"
 _THROUGH = GATE_NAMES[Gate.THROUGH]
 _CUTOFF = GATE_NAMES[Gate.CUTOFF]
 _CORRECT = GATE_NAMES[Gate.CORRECT]
@@ -49,17 +56,50 @@ def canonical_gates(gates: Sequence[Sequence[str]]) -> list[list[str]]:
     return [[_THROUGH if (s == t and g == _CORRECT) else g for s, g in enumerate(row)] for t, row in enumerate(gates)]
 
 
+def canonical_feature_gates(models: Sequence[str], gates: Sequence[Sequence[str]],
+                            feature_gates: Optional[Sequence[Sequence[str]]]) -> list[list[str]]:
+    """``feature_gates`` (None: all cutoff) with every edge that trains nothing cut.
+
+    Sampling every feature edge and cutting these afterwards keeps the parameters of a trial
+    the same whatever it drew, and makes the graphs that differ only in such edges one graph:
+    the diagonal (there is no label feature), the rows of nodes that learn nothing (an
+    all-cutoff logit row: frozen, or an ensemble) and the columns of ensembles (no features).
+    """
+    m = len(models)
+    out = []
+    for t in range(m):
+        learns = models[t] != ENSEMBLE and any(g != _CUTOFF for g in gates[t])
+        out.append([feature_gates[t][s] if (feature_gates is not None and learns and s != t
+                                            and models[s] != ENSEMBLE) else _CUTOFF for s in range(m)])
+    return out
+
+
+def _rows_text(rows: Sequence[Sequence[str]]) -> str:
+    return ";".join(",".join(row) for row in rows)
+
+
 @dataclass(frozen=True)
 class CanonicalGraph:
     """One representative of the graphs that train the same thing; ``key`` identifies it."""
 
     models: tuple[str, ...]
     gates: tuple[tuple[str, ...], ...]
+    feature_gates: Optional[tuple[tuple[str, ...], ...]] = None  # None: no open feature edge
+
+    def __post_init__(self) -> None:
+        fg = self.feature_gates
+        if fg is not None and all(g == _CUTOFF for row in fg for g in row):
+            object.__setattr__(self, "feature_gates", None)  # one form for "no feature edge"
 
     @property
     def gates_text(self) -> str:
         """The CLI form (``--gates``): rows split by ``;``."""
-        return ";".join(",".join(row) for row in self.gates)
+        return _rows_text(self.gates)
+
+    @property
+    def feature_gates_text(self) -> str:
+        """The feature gates in the same form; empty without an open feature edge."""
+        return "" if self.feature_gates is None else _rows_text(self.feature_gates)
 
     @property
     def models_text(self) -> str:
@@ -67,7 +107,10 @@ class CanonicalGraph:
 
     @property
     def key(self) -> str:
-        return f"{self.models_text}|{self.gates_text}"
+        # Studies and report run folders on disk are found by the key (and the id hashed from
+        # it): a graph without feature edges keeps the key it had before they existed.
+        key = f"{self.models_text}|{self.gates_text}"
+        return key if self.feature_gates is None else f"{key}|{self.feature_gates_text}"
 
     @property
     def id(self) -> str:
@@ -75,14 +118,25 @@ class CanonicalGraph:
         return hashlib.sha1(self.key.encode()).hexdigest()[:12]
 
 
-def canonical_graph(models: Sequence[str], gates: Sequence[Sequence[str]]) -> CanonicalGraph:
-    """The canonical form of the graph with node models ``models`` (node 0 first) and ``gates``.
+def split_key(key: str) -> tuple[str, str, str]:
+    """A key's models, gates and feature gates (empty without feature edges), in CLI form."""
+    models, _, rest = key.partition("|")
+    gates, _, features = rest.partition("|")
+    return models, gates, features
 
-    Diagonal correct → through; then, of all relabellings of nodes 1…M−1, the one whose
-    (models, gates) is smallest. Node 0 stays node 0: it is the target.
+
+def canonical_graph(models: Sequence[str], gates: Sequence[Sequence[str]],
+                    feature_gates: Optional[Sequence[Sequence[str]]] = None) -> CanonicalGraph:
+    """The canonical form of the graph with node models ``models`` (node 0 first), ``gates``
+    and ``feature_gates`` (None: no feature edge).
+
+    Diagonal correct → through, feature edges that train nothing → cutoff; then, of all
+    relabellings of nodes 1…M−1, the one whose (models, gates, feature gates) is smallest.
+    Node 0 stays node 0: it is the target.
     """
     m = len(models)
     gates = canonical_gates(gates)
+    features = canonical_feature_gates(models, gates, feature_gates)
     if m > MAX_PERMUTED_NODES:
         orders: Any = [tuple(range(1, m))]
     else:
@@ -90,7 +144,10 @@ def canonical_graph(models: Sequence[str], gates: Sequence[Sequence[str]]) -> Ca
     best = None
     for rest in orders:
         order = (0, *rest)
-        cand = (tuple(models[i] for i in order), tuple(tuple(gates[t][s] for s in order) for t in order))
+        # feature gates compare last: without feature edges they are all equal, so the
+        # representative (and its key) is the one chosen before feature edges existed
+        cand = (tuple(models[i] for i in order), tuple(tuple(gates[t][s] for s in order) for t in order),
+                tuple(tuple(features[t][s] for s in order) for t in order))
         if best is None or cand < best:
             best = cand
     return CanonicalGraph(*best)
@@ -98,8 +155,8 @@ def canonical_graph(models: Sequence[str], gates: Sequence[Sequence[str]]) -> Ca
 
 def graph_text(graph: Graph) -> str:
     models = ",".join(n.model + ("*" if n.frozen else "") for n in graph.nodes)
-    gates = ";".join(",".join(row) for row in graph.gates)
-    return f"{models}  [{gates}]"
+    text = f"{models}  [{_rows_text(graph.gates)}]"
+    return text + (f"  features [{_rows_text(graph.feature_gates)}]" if graph.has_feature_edges else "")
 
 
 def _check_model(name: str, what: str) -> str:
@@ -121,7 +178,7 @@ def _check_model(name: str, what: str) -> str:
 class Baseline:
     """A classic graph the search and the report measure the searched ones against."""
 
-    name: str  # independent, dml or kd
+    name: str  # independent, dml, kd or dml+at
     params: dict  # the trial parameters that draw it
 
     @property
@@ -135,18 +192,27 @@ class SearchSpace:
     """The models of nodes 1…M−1 (from ``candidates``) and the gates of all M² edges.
 
     Parameters are named ``model_<n>`` and ``gate_<t>_<s>`` (the edge from source s into
-    target t, as in ``gates[t][s]``). Node 0 is always ``target_model`` and always trained.
-    A node n ≥ 1 whose sampled row is all cutoff is a frozen pre-trained teacher when
-    ``pretrained_dir`` holds a checkpoint of its model on ``dataset``; otherwise the sample
-    is invalid (:class:`InvalidGraph`).
+    target t, as in ``gates[t][s]``). Node 0 is always ``target_model`` (default resnet32) and
+    always trained. A node n ≥ 1 whose sampled row is all cutoff is a frozen pre-trained
+    teacher when ``pretrained_dir`` holds a checkpoint of its model on ``dataset``; otherwise
+    the sample is invalid (:class:`InvalidGraph`).
+
+    ``ensemble_target``: node 0 is instead the ensemble of nodes 1…M−1 (``target_model`` is
+    then ``ensemble`` and may not be given otherwise); it learns nothing, so no ``gate_0_<s>``
+    is sampled and its row is cutoff. ``feature_edges``: the feature gates are sampled too,
+    ``fgate_<t>_<s>`` for s ≠ t (not into or out of an ensemble node 0); the ones into a node
+    that turns out frozen are cut when the graph is built (:func:`canonical_feature_gates`).
     """
 
     num_nodes: int
-    target_model: str = "resnet32"
+    target_model: Optional[str] = None  # None: DEFAULT_TARGET, or the ensemble with ensemble_target
     candidates: tuple[str, ...] = DEFAULT_CANDIDATES
     dataset: str = "cifar100"
     pretrained_dir: Optional[str] = None
     temperature: float = 1.0
+    ensemble_target: bool = False
+    feature_edges: bool = False
+    feature_weight: float = DEFAULT_FEATURE_WEIGHT
 
     def __post_init__(self) -> None:
         from ..ops import MAX_NODES
@@ -158,7 +224,20 @@ class SearchSpace:
             raise ValueError(f"--num-nodes must be ≥ 1, got {m}")
         if m > MAX_NODES:
             raise ValueError(f"--num-nodes must be ≤ {MAX_NODES} (the loss kernels' limit), got {m}")
-        object.__setattr__(self, "target_model", _check_model(self.target_model, "--target-model"))
+        for flag in ("ensemble_target", "feature_edges"):
+            if not isinstance(getattr(self, flag), bool):
+                raise TypeError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
+        if self.ensemble_target:
+            if self.target_model not in (None, ENSEMBLE):
+                raise ValueError(f"--target-model {self.target_model} cannot be used with --ensemble-target: node 0 is "
+                                 "the ensemble of nodes 1…M−1, whose models come from --candidates")
+            if m < 2:
+                raise ValueError(f"--ensemble-target needs --num-nodes ≥ 2 (node 0 is the ensemble of nodes 1…M−1; "
+                                 f"3 or more to ensemble several networks), got {m}")
+            object.__setattr__(self, "target_model", ENSEMBLE)
+        else:
+            object.__setattr__(self, "target_model", _check_model(
+                DEFAULT_TARGET if self.target_model is None else self.target_model, "--target-model"))
         if isinstance(self.candidates, str):
             raise TypeError("candidates must be a sequence of model names, not one string")
         candidates = tuple(_check_model(c, "--candidates") for c in self.candidates)
@@ -175,25 +254,59 @@ class SearchSpace:
         t = self.temperature
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
             raise ValueError(f"--temperature must be a finite number > 0, got {t!r}")
+        w = self.feature_weight
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+            raise ValueError(f"--feature-weight must be a finite number ≥ 0, got {w!r}")
+        object.__setattr__(self, "feature_weight", float(w))
+
+    @property
+    def input_model(self) -> str:
+        """The model whose input size and crop the data takes: node 0's, or an ensemble's first candidate."""
+        return self.candidates[0] if self.ensemble_target else self.target_model
 
     # -- what a trial samples
+    def _learners(self) -> range:
+        """The nodes whose gate rows are sampled (an ensemble node 0 learns nothing)."""
+        return range(1 if self.ensemble_target else 0, self.num_nodes)
+
+    def _feature_edges(self) -> list[tuple[int, int]]:
+        """The sampled feature edges (t, s): s ≠ t, and not into or out of an ensemble node 0."""
+        if not self.feature_edges:
+            return []
+        return [(t, s) for t in self._learners() for s in self._learners() if s != t] if self.ensemble_target \
+            else [(t, s) for t in range(self.num_nodes) for s in range(self.num_nodes) if s != t]
+
     def param_names(self) -> list[str]:
         m = self.num_nodes
-        return [f"model_{n}" for n in range(1, m)] + [f"gate_{t}_{s}" for t in range(m) for s in range(m)]
+        return ([f"model_{n}" for n in range(1, m)] + [f"gate_{t}_{s}" for t in self._learners() for s in range(m)]
+                + [f"fgate_{t}_{s}" for t, s in self._feature_edges()])
 
-    def params(self, models: Sequence[str], gates: Sequence[Sequence[str]]) -> dict[str, str]:
-        """The trial parameters that draw nodes 1…M−1 = ``models`` and ``gates``."""
+    def params(self, models: Sequence[str], gates: Sequence[Sequence[str]],
+               feature_gates: Optional[Sequence[Sequence[str]]] = None) -> dict[str, str]:
+        """The trial parameters that draw nodes 1…M−1 = ``models``, ``gates`` and ``feature_gates``
+        (None: all cutoff; ignored unless the space samples feature edges)."""
         m = self.num_nodes
         out = {f"model_{n}": models[n - 1] for n in range(1, m)}
-        out.update({f"gate_{t}_{s}": gates[t][s] for t in range(m) for s in range(m)})
+        out.update({f"gate_{t}_{s}": gates[t][s] for t in self._learners() for s in range(m)})
+        out.update({f"fgate_{t}_{s}": _CUTOFF if feature_gates is None else feature_gates[t][s]
+                    for t, s in self._feature_edges()})
         return out
 
     def sample(self, trial) -> Graph:
         """Suggest every parameter of ``trial`` and build its graph (may raise InvalidGraph)."""
-        models = [trial.suggest_categorical(f"model_{n}", self.candidates) for n in range(1, self.num_nodes)]
-        gates = [[trial.suggest_categorical(f"gate_{t}_{s}", GATE_NAMES) for s in range(self.num_nodes)]
-                 for t in range(self.num_nodes)]
-        return self.build(models, gates)
+        m = self.num_nodes
+        # the order of the suggestions is the order before the modes existed: a seeded sampler
+        # draws the same graphs as it did
+        models = [trial.suggest_categorical(f"model_{n}", self.candidates) for n in range(1, m)]
+        gates = [[_CUTOFF] * m for _ in range(m)]
+        for t in self._learners():
+            gates[t] = [trial.suggest_categorical(f"gate_{t}_{s}", GATE_NAMES) for s in range(m)]
+        features = None
+        if self.feature_edges:
+            features = [[_CUTOFF] * m for _ in range(m)]
+            for t, s in self._feature_edges():
+                features[t][s] = trial.suggest_categorical(f"fgate_{t}_{s}", GATE_NAMES)
+        return self.build(models, gates, features)
 
     def split_params(self, params: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         """Nodes 1…M−1's models and the gate matrix of a trial's parameters."""
@@ -201,27 +314,45 @@ class SearchSpace:
         if missing:
             raise ValueError(f"trial parameters lack {', '.join(missing[:4])}: not a trial of this search space")
         m = self.num_nodes
-        return [params[f"model_{n}"] for n in range(1, m)], [[params[f"gate_{t}_{s}"] for s in range(m)]
-                                                             for t in range(m)]
+        gates = [[params.get(f"gate_{t}_{s}", _CUTOFF) for s in range(m)] for t in range(m)]
+        return [params[f"model_{n}"] for n in range(1, m)], gates
+
+    def feature_params(self, params: dict[str, Any]) -> Optional[list[list[str]]]:
+        """The feature gate matrix of a trial's parameters (None when the space samples none)."""
+        if not self.feature_edges:
+            return None
+        m = self.num_nodes
+        return [[params.get(f"fgate_{t}_{s}", _CUTOFF) for s in range(m)] for t in range(m)]
 
     def graph_from_params(self, params: dict[str, Any]) -> Graph:
         """The graph of a finished trial's parameters."""
-        return self.build(*self.split_params(params))
+        return self.build(*self.split_params(params), self.feature_params(params))
 
     def canonical(self, params: dict[str, Any]) -> CanonicalGraph:
         models, gates = self.split_params(params)
-        return canonical_graph([self.target_model, *models], gates)
+        return canonical_graph([self.target_model, *models], gates, self.feature_params(params))
+
+    def build_canonical(self, canon: CanonicalGraph) -> Graph:
+        """The graph of a canonical form, ready to train."""
+        features = None if canon.feature_gates is None else [list(row) for row in canon.feature_gates]
+        return self.build(list(canon.models[1:]), [list(row) for row in canon.gates], features)
 
     def canonical_build(self, params: dict[str, Any]) -> Graph:
         """The canonical representative of a trial's graph, ready to train."""
-        c = self.canonical(params)
-        return self.build(list(c.models[1:]), [list(row) for row in c.gates])
+        return self.build_canonical(self.canonical(params))
 
-    def build(self, models: Sequence[str], gates: Sequence[Sequence[str]]) -> Graph:
-        """Node 0 = the target, then ``models``; all-cutoff rows become frozen pre-trained nodes."""
+    def build(self, models: Sequence[str], gates: Sequence[Sequence[str]],
+              feature_gates: Optional[Sequence[Sequence[str]]] = None) -> Graph:
+        """Node 0 = the target (or the ensemble), then ``models``; all-cutoff rows become frozen
+        pre-trained nodes; feature edges that would train nothing are cut."""
         names = [self.target_model, *models]
         nodes = []
         for t, model in enumerate(names):
+            if t == 0 and self.ensemble_target:
+                if any(g != _CUTOFF for g in gates[0]):
+                    raise ValueError("gates[0]: node 0 is the ensemble, which learns nothing: its row must be all cutoff")
+                nodes.append(Node(ENSEMBLE))
+                continue
             if any(g != _CUTOFF for g in gates[t]):
                 nodes.append(Node(model))
                 continue
@@ -233,7 +364,11 @@ class SearchSpace:
                 raise InvalidGraph(f"node {t} ({model}) has an all-cutoff gate row but {where} holds no "
                                    f"{model} checkpoint for {self.dataset}")
             nodes.append(Node(model, checkpoint=str(ckpt), frozen=True))
-        return Graph(nodes, [list(row) for row in gates], self.temperature)
+        if self.ensemble_target and all(n.frozen for n in nodes[1:]):
+            raise InvalidGraph("every member of the ensemble (node 0) has an all-cutoff gate row: nothing would train")
+        features = None if feature_gates is None else canonical_feature_gates(names, gates, feature_gates)
+        return Graph(nodes, [list(row) for row in gates], self.temperature, feature_gates=features,
+                     feature_weight=self.feature_weight)
 
     def baselines(self) -> list[Baseline]:
         """The classic graphs of this node count, in the order the study runs them.
@@ -242,20 +377,37 @@ class SearchSpace:
         through) with nodes 1…M−1 all one candidate, for each candidate, and KD (node 0 learns
         from the labels and frozen teachers, all one candidate) for each candidate that has a
         checkpoint in ``pretrained_dir``. KD uses the study's temperature, like every trial.
+
+        With an ensemble target: independent and DML among nodes 1…M−1 (node 0's row and
+        column cutoff) for each candidate, and no KD. With feature edges, ``dml+at`` too: DML
+        with every feature edge between learning nodes through, for each candidate. The other
+        baselines keep every feature edge cut: they are the classic graphs.
         Graphs that are canonically equal (one node: independent = DML) are listed once.
         """
         m = self.num_nodes
-        first = self.candidates[0] if self.candidates else self.target_model
-        out = [Baseline("independent", self.params([first] * (m - 1),
-                                                   [[_THROUGH if s == t else _CUTOFF for s in range(m)]
-                                                    for t in range(m)]))]
-        for c in self.candidates or (self.target_model,):
-            out.append(Baseline("dml", self.params([c] * (m - 1), [[_THROUGH] * m for _ in range(m)])))
-        if m > 1:
-            for c in self.candidates:
-                if find_pretrained(self.pretrained_dir, self.dataset, c) is not None:
-                    gates = [[_THROUGH] * m] + [[_CUTOFF] * m for _ in range(m - 1)]
-                    out.append(Baseline("kd", self.params([c] * (m - 1), gates)))
+        cands = self.candidates or (self.target_model,)
+        learns = set(self._learners())
+        label_only = [[_THROUGH if s == t and t in learns else _CUTOFF for s in range(m)] for t in range(m)]
+        dml = [[_THROUGH if t in learns and s in learns else _CUTOFF for s in range(m)] for t in range(m)]
+        if self.ensemble_target:
+            # Ensembles of one candidate trained apart are the classic baseline here, for each
+            # candidate (unlike a trained node 0, which other independent nodes do not change).
+            out = [Baseline("independent", self.params([c] * (m - 1), label_only)) for c in cands]
+            out += [Baseline("dml", self.params([c] * (m - 1), dml)) for c in cands]
+            # No KD: its student is node 0, which here is an ensemble and learns nothing; members
+            # distilled from frozen teachers are one more searched graph, not a classic one.
+        else:
+            out = [Baseline("independent", self.params([cands[0]] * (m - 1), label_only))]
+            out += [Baseline("dml", self.params([c] * (m - 1), dml)) for c in cands]
+            if m > 1:
+                for c in self.candidates:
+                    if find_pretrained(self.pretrained_dir, self.dataset, c) is not None:
+                        gates = [[_THROUGH] * m] + [[_CUTOFF] * m for _ in range(m - 1)]
+                        out.append(Baseline("kd", self.params([c] * (m - 1), gates)))
+        if self.feature_edges:
+            at = [[_THROUGH if t in learns and s in learns and s != t else _CUTOFF for s in range(m)]
+                  for t in range(m)]
+            out += [Baseline("dml+at", self.params([c] * (m - 1), dml, at)) for c in cands]
         seen, unique = set(), []
         for b in out:
             key = self.canonical(b.params).key
@@ -266,5 +418,12 @@ class SearchSpace:
 
     def settings(self) -> dict[str, Any]:
         """What must agree between the workers of one study (the checkpoint folder may not)."""
-        return {"num_nodes": self.num_nodes, "target_model": self.target_model,
-                "candidates": list(self.candidates), "dataset": self.dataset, "temperature": self.temperature}
+        out: dict[str, Any] = {"num_nodes": self.num_nodes, "target_model": self.target_model,
+                               "candidates": list(self.candidates), "dataset": self.dataset,
+                               "temperature": self.temperature}
+        # only when on: the settings of a study made before the modes existed still match
+        if self.ensemble_target:
+            out["ensemble_target"] = True
+        if self.feature_edges:
+            out.update(feature_edges=True, feature_weight=self.feature_weight)
+        return out

@@ -271,6 +271,10 @@ def _recipe_defaults() -> dict[str, Any]:
     return _canonical({k: defaults[k] for k in RECIPE_FIELDS if k in defaults})
 
 
+#: Settings of :meth:`SearchSpace.settings` present only when True.
+_MODE_KEYS = ("ensemble_target", "feature_edges")
+
+
 def open_study(storage: BaseStorage, study_name: str, settings: dict[str, Any], *,
                sampler: Optional[optuna.samplers.BaseSampler] = None,
                pruner: Optional[optuna.pruners.BasePruner] = None) -> optuna.Study:
@@ -292,6 +296,9 @@ def open_study(storage: BaseStorage, study_name: str, settings: dict[str, Any], 
     if stored is None:
         study.set_user_attr(SETTINGS_KEY, settings)
     elif stored != settings:
+        # the search modes are stored only when on: absent is off, and the message says so
+        modes = {k: False for k in _MODE_KEYS}
+        stored, settings = {**modes, **stored}, {**modes, **settings}
         diff = [f"{k}: {stored.get(k)!r} in the study, {settings.get(k)!r} now"
                 for k in sorted(set(stored) | set(settings)) if stored.get(k) != settings.get(k)]
         raise ValueError(f"study {study_name!r} was started with other settings ({'; '.join(diff)}); "

@@ -11,8 +11,8 @@ from typing import Any, Optional
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from .plots import plot_rungs
-from .space import SearchSpace, graph_text
+from .plots import gate_marks, plot_rungs
+from .space import SearchSpace, graph_text, split_key
 from .storage import SETTINGS_KEY
 from .worker import trial_key
 
@@ -71,7 +71,7 @@ def _note(t: FrozenTrial) -> str:
 
 def write_trials_csv(study: optuna.Study, space: SearchSpace, path: Path) -> int:
     """One row per trial, its graph in canonical form (surplus reservations are left out)."""
-    header = ["number", "state", "value", "epochs", "duration_s", "role", "models", "gates", "frozen",
+    header = ["number", "state", "value", "epochs", "duration_s", "role", "models", "gates", "feature_gates", "frozen",
               "top1_nodes", "worker", "datetime_start", "note"]
     buf = io.StringIO()
     w = csv.writer(buf)
@@ -83,9 +83,9 @@ def write_trials_csv(study: optuna.Study, space: SearchSpace, path: Path) -> int
         duration = (t.datetime_complete - t.datetime_start).total_seconds() \
             if t.datetime_complete and t.datetime_start else ""
         key = trial_key(space, t)
-        models, gates = key.split("|") if key else ("", "")
+        models, gates, features = split_key(key) if key else ("", "", "")
         w.writerow([t.number, t.state.name, "" if t.value is None else f"{t.value:.4f}", _epochs(t),
-                    f"{duration:.1f}" if duration != "" else "", t.user_attrs.get("baseline", ""), models, gates,
+                    f"{duration:.1f}" if duration != "" else "", t.user_attrs.get("baseline", ""), models, gates, features,
                     " ".join(str(i) for i in t.user_attrs.get("frozen", [])),
                     " ".join(f"{v:.2f}" for v in t.user_attrs.get("top1", [])),
                     t.user_attrs.get("worker", ""),
@@ -133,8 +133,10 @@ def write_summary(study: optuna.Study, space: SearchSpace, output: str | os.Path
         for rank, t in enumerate(top, 1):
             graph = space.canonical_build(t.params)
             value = t.value if t.value is not None else t.intermediate_values[_epochs(t)]
+            # the drawing shows the logit edges; the feature edges go in its title
+            features = f", feature gates {gate_marks(graph.feature_gates)}" if graph.has_feature_edges else ""
             draw_graph(graph, draw_dir / f"rank{rank}_trial{t.number}.png",
-                       title=f"#{rank}: trial {t.number}, node 0 val top-1 {value:.2f}%")
+                       title=f"#{rank}: trial {t.number}, node 0 val top-1 {value:.2f}%{features}")
             role = f"  [{t.user_attrs['baseline']}]" if "baseline" in t.user_attrs else ""
             lines.append(f"{rank:>4} {t.number:>5} {t.state.name.lower():<8} {value:>6.2f}% {_epochs(t):>6}  "
                          f"{graph_text(graph)}{role}")

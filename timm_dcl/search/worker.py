@@ -32,7 +32,7 @@ from optuna.study import MaxTrialsCallback
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from ..graph import Graph
-from .space import InvalidGraph, SearchSpace
+from .space import InvalidGraph, SearchSpace, split_key
 from .storage import Heartbeat, JournalHeartbeatStorage, fail_stale
 
 __all__ = ["WorkerInfo", "isolate_worker", "SearchWorker", "enqueue_baselines", "trial_key", "FINISHED"]
@@ -238,8 +238,8 @@ class SearchWorker:
 
     def _line(self, trial: FrozenTrial) -> str:
         attrs = trial.user_attrs
-        models, _, gates = attrs.get("graph", "").partition("|")
-        graph = f"{models}  [{gates}]"
+        models, gates, features = split_key(attrs.get("graph", ""))
+        graph = f"{models}  [{gates}]" + (f"  features [{features}]" if features else "")
         if trial.state == TrialState.FAIL:
             return f"trial {trial.number:>4} failed: {attrs.get('error', '?')}  {graph}"
         shown = "pruned" if trial.state == TrialState.PRUNED else f"{trial.value:6.2f}%"
