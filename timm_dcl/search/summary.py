@@ -11,7 +11,7 @@ from typing import Any, Optional
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from .plots import gate_marks, plot_rungs
+from .plots import plot_rungs
 from .space import SearchSpace, graph_text, split_key
 from .storage import SETTINGS_KEY
 from .worker import trial_key
@@ -133,10 +133,8 @@ def write_summary(study: optuna.Study, space: SearchSpace, output: str | os.Path
         for rank, t in enumerate(top, 1):
             graph = space.canonical_build(t.params)
             value = t.value if t.value is not None else t.intermediate_values[_epochs(t)]
-            # the drawing shows the logit edges; the feature edges go in its title
-            features = f", feature gates {gate_marks(graph.feature_gates)}" if graph.has_feature_edges else ""
             draw_graph(graph, draw_dir / f"rank{rank}_trial{t.number}.png",
-                       title=f"#{rank}: trial {t.number}, node 0 val top-1 {value:.2f}%{features}")
+                       title=f"#{rank}: trial {t.number}, node 0 val top-1 {value:.2f}%")
             role = f"  [{t.user_attrs['baseline']}]" if "baseline" in t.user_attrs else ""
             lines.append(f"{rank:>4} {t.number:>5} {t.state.name.lower():<8} {value:>6.2f}% {_epochs(t):>6}  "
                          f"{graph_text(graph)}{role}")
