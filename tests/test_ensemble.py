@@ -93,7 +93,7 @@ def test_probs_mean_matches_a_hand_computation_and_differs_from_logits(shared_da
         for n in trainer.nodes[:2]:
             n.raw.eval()
         with torch.no_grad():
-            out[mean] = trainer._forward(trainer._inputs(images), train=False)
+            out[mean] = trainer._forward(trainer._inputs(images), train=False)[0]
     z0, z1, ens = out["probs"]
     assert torch.equal(z0, out["logits"][0])  # same seed, same members
     hand = torch.log((z0.softmax(1) + z1.softmax(1)) / 2)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -21,7 +22,8 @@ __all__ = [
 
 # Flags that describe the graph: on resume the run's graph.json is the truth for these.
 GRAPH_DESTS = ("node_models", "gates", "preset", "checkpoints", "temperature", "model_kwargs", "graph",
-               "pretrained", "pretrained_file", "node_lr", "node_opt", "node_weight_decay")
+               "pretrained", "pretrained_file", "node_lr", "node_opt", "node_weight_decay",
+               "feature_gates", "feature_stage", "feature_weight")
 
 
 class CliError(ValueError):
@@ -182,6 +184,15 @@ def add_graph_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--node-weight-decay", action="append", default=[], metavar="N:WD", help="node N's weight decay")
     g.add_argument("--temperature", type=float, default=None,
                    help="temperature of the knowledge edges (default 1; kd: 2)")
+    g.add_argument("--feature-gates", default=None, metavar="ROWS",
+                   help="feature edges, in the syntax of --gates (the diagonal cutoff): attention transfer "
+                        "from the source's to the learner's output of stage --feature-stage")
+    g.add_argument("--feature-stage", type=int, default=None, metavar="N",
+                   help="the stage feature edges read: an index of timm's forward_intermediates, negative "
+                        "from the end (default: -1, the last stage)")
+    g.add_argument("--feature-weight", type=float, default=None, metavar="W",
+                   help="weight of every feature edge's loss (default: 500, attention transfer's β/2 "
+                        "with β = 1000)")
     g.add_argument("--model-kwargs", action="append", default=[], metavar="N:KEY=VALUE,...",
                    help="keyword arguments of node N's model as Python literals, e.g. "
                         "1:img_size=(32,32),patch_size=4 (repeatable; 'all:' applies to every node)")
@@ -349,10 +360,40 @@ def graph_from_args(args: argparse.Namespace):
         if args.temperature is not None:
             base.temperature = args.temperature
         base.nodes = nodes
-        return base.validate()
-    return Graph.from_cli([n.model for n in nodes], gates=args.gates,
-                          preset=None if args.gates else (args.preset or "dml"),
-                          temperature=args.temperature, nodes=nodes)
+        graph = base.validate()
+    else:
+        graph = Graph.from_cli([n.model for n in nodes], gates=args.gates,
+                               preset=None if args.gates else (args.preset or "dml"),
+                               temperature=args.temperature, nodes=nodes)
+    return _with_feature_flags(graph, args)
+
+
+def _with_feature_flags(graph, args: argparse.Namespace):
+    """``graph`` with --feature-gates/--feature-stage/--feature-weight applied (over a --graph file's)."""
+    from .gates import parse_gates
+
+    rows = getattr(args, "feature_gates", None)
+    stage, weight = getattr(args, "feature_stage", None), getattr(args, "feature_weight", None)
+    if rows is None and stage is None and weight is None:
+        return graph
+    if rows is None and not graph.has_feature_edges:
+        flag = "--feature-stage" if stage is not None else "--feature-weight"
+        raise CliError(f"{flag} without feature edges does nothing: give --feature-gates ROWS too")
+    changes = {}
+    if rows is not None:
+        try:
+            changes["feature_gates"] = parse_gates(rows, graph.num_nodes)
+        except (TypeError, ValueError) as e:
+            raise CliError(f"--feature-gates: {e}") from None
+    if stage is not None:
+        changes["feature_stage"] = stage
+    if weight is not None:
+        changes["feature_weight"] = weight
+    try:
+        return dataclasses.replace(graph, **changes)
+    except (TypeError, ValueError) as e:
+        flag = next((f"--{key.replace('_', '-')}: " for key in changes if str(e).startswith(key)), "")
+        raise CliError(f"{flag}{e}") from None
 
 
 # ------------------------------------------------------------------------------ YAML config

@@ -2,7 +2,9 @@
 
 Nodes sit on a circle, node 0 (the target) at the top; every non-cutoff edge s → t is a
 curved arrow styled by its gate (the two directions of a pair bend apart, so both stay
-visible); a label edge is an arrow from a small "label" box into its node.
+visible); a label edge is an arrow from a small "label" box into its node. Feature edges
+(attention transfer) are purple, with the dash of their gate, and bend wider than the logit
+edges so both stay visible.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ GATE_STYLES = {
     GATE_NAMES[Gate.CORRECT]: ("#c8412c", (0, (1.2, 1.8))),
 }
 _SUFFIXES = (".png", ".svg")
+_FEATURE_COLOR = "#7a3fa8"  # feature edges: one colour, the gate told by the dash
 
 _TARGET_FILL, _TARGET_EDGE = "#ffe5a8", "#b07800"
 _NODE_FILL, _NODE_EDGE = "#e4eefa", "#1f3a5f"
@@ -118,8 +121,10 @@ def draw_graph(
             ax.text(x, y - 0.17, role, ha="center", va="center", fontsize=6.8, zorder=4,
                     style="italic", color=edge)
 
-    def arrow(a, b, gate, patch_a, patch_b, rad):
+    def arrow(a, b, gate, patch_a, patch_b, rad, feature=False):
         color, dash = GATE_STYLES[gate]
+        if feature:
+            color = _FEATURE_COLOR
         style = dict(patchA=patch_a, patchB=patch_b, connectionstyle=f"arc3,rad={rad}", color=color, zorder=2)
         # a dashed shaft, then a solid head on its own: a dash pattern would fray the head's outline
         ax.add_patch(FancyArrowPatch(a, b, arrowstyle="-", linewidth=1.6, linestyle=dash,
@@ -133,6 +138,12 @@ def draw_graph(
             if gate not in GATE_STYLES or s == t:
                 continue
             arrow(pos[s], pos[t], gate, circles[s], circles[t], 0.22)
+    if graph.has_feature_edges:
+        for t in range(m):
+            for s in range(m):
+                gate = graph.feature_gates[t][s]
+                if gate in GATE_STYLES and s != t:
+                    arrow(pos[s], pos[t], gate, circles[s], circles[t], 0.5, feature=True)
 
     # label edges: a small box outside the ring, radially beyond the node, with an arrow in
     for t in range(m):
@@ -159,6 +170,9 @@ def draw_graph(
         Patch(facecolor=_NODE_FILL, edgecolor=_NODE_EDGE, label="trainable"),
         Patch(facecolor=_FROZEN_FILL, edgecolor=_FROZEN_EDGE, linestyle=(0, (3, 1.5)), label="frozen (pre-trained)"),
     ]
+    if graph.has_feature_edges:
+        handles.append(Line2D([], [], color=_FEATURE_COLOR, linewidth=1.8,
+                              label=f"feature edge (stage {graph.feature_stage}; dash: gate)"))
     if graph.ensemble_nodes:
         handles.append(Patch(facecolor=_NODE_FILL, edgecolor=_NODE_EDGE, linestyle=(0, (1, 1.5)),
                              label="ensemble (mean of its members)"))

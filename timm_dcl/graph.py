@@ -15,6 +15,13 @@ are the mean of its members' logits (``members``: node indices, or None for ever
 node). It only teaches: its gate row must be all cutoff, and it is neither frozen nor trainable.
 It may be node 0, and then node 0's top-1 is the ensemble's.
 
+Feature edges: a second M×M gate matrix, ``feature_gates`` (None: every feature edge cutoff),
+with the same four gates, for attention transfer between the outputs of stage
+``feature_stage`` (timm's ``forward_intermediates`` index; -1 the last) of source and target,
+weighted by ``feature_weight`` (:mod:`timm_dcl.features`). There is no label feature edge, so
+its diagonal is cutoff; frozen and ensemble nodes only teach (their rows are cutoff), and an
+ensemble node has no features of its own (its column is cutoff too).
+
 A node may override the run's recipe for itself (``lr``, ``opt``, ``weight_decay``): a
 pretrained teacher and a scratch student rarely share a learning rate.
 
@@ -25,7 +32,9 @@ without them load unchanged)::
      "nodes": [{"model": "resnet32", "model_kwargs": {}, "checkpoint": null, "frozen": false,
                 "pretrained": false, "pretrained_file": null, "lr": null, "opt": null,
                 "weight_decay": null}, ..., {"model": "ensemble", "members": [1, 2]}],
-     "gates": [["through", "cutoff"], ["cutoff", "cutoff"]]}
+     "gates": [["through", "cutoff"], ["cutoff", "cutoff"]],
+     "feature_gates": [["cutoff", "through"], ["cutoff", "cutoff"]],  # only with an open feature edge,
+     "feature_stage": -1, "feature_weight": 500.0}                  # and then with these two
 """
 from __future__ import annotations
 
@@ -40,7 +49,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 from .gates import GATE_NAMES, Gate, decode_gates, encode_gates, parse_gates
 
-__all__ = ["Node", "Graph", "PRESETS", "FORMAT_VERSION", "ENSEMBLE"]
+__all__ = ["Node", "Graph", "PRESETS", "FORMAT_VERSION", "ENSEMBLE", "DEFAULT_FEATURE_WEIGHT"]
 
 FORMAT_VERSION = 1
 ENSEMBLE = "ensemble"  # the model name of a virtual node: the mean of its members' logits
@@ -51,7 +60,9 @@ _CUTOFF = GATE_NAMES[Gate.CUTOFF]
 _NODE_KEYS = ("model", "model_kwargs", "checkpoint", "frozen")
 # optional per-node keys: weights and recipe overrides, written only when set
 _OPTIONAL_NODE_KEYS = ("pretrained", "pretrained_file", "lr", "opt", "weight_decay", "members")
-_GRAPH_KEYS = ("version", "temperature", "nodes", "gates")
+_GRAPH_KEYS = ("version", "temperature", "nodes", "gates", "feature_gates", "feature_stage", "feature_weight")
+#: attention transfer's β / 2 with β = 1000 (Zagoruyko and Komodakis, 2017)
+DEFAULT_FEATURE_WEIGHT = 500.0
 # the trainer sets these for every node (one class count for all, no hub weights)
 _RESERVED_KWARGS = ("num_classes", "pretrained")
 
@@ -93,11 +104,15 @@ class Node:
 
 @dataclass
 class Graph:
-    """M nodes, an M×M gate matrix of names (``gates[t][s]``: s → t) and a temperature."""
+    """M nodes, an M×M gate matrix of names (``gates[t][s]``: s → t) and a temperature; optionally
+    an M×M matrix of feature gates, the stage they read and their weight."""
 
     nodes: list[Node]
     gates: list[list[str]]
     temperature: float = 1.0
+    feature_gates: Optional[list[list[str]]] = None
+    feature_stage: int = -1
+    feature_weight: float = DEFAULT_FEATURE_WEIGHT
 
     def __post_init__(self) -> None:
         if isinstance(self.nodes, (str, bytes, Mapping)) or not isinstance(self.nodes, Sequence):
@@ -160,7 +175,62 @@ class Graph:
                     f"gates[{i}]: node {i} has an all-cutoff gate row, so it learns nothing: give it a "
                     f"checkpoint (nodes[{i}].checkpoint) or a pretrained file to use it as a frozen "
                     "pre-trained teacher")
+        self._validate_features()
         return self
+
+    def _validate_features(self) -> None:
+        m = len(self.nodes)
+        stage, weight = self.feature_stage, self.feature_weight
+        if isinstance(stage, bool) or not isinstance(stage, int):
+            raise TypeError(f"feature_stage: expected an integer stage index, got {stage!r}")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise TypeError(f"feature_weight: expected a number, got {type(weight).__name__}")
+        if not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"feature_weight: must be finite and ≥ 0, got {weight!r}")
+        self.feature_weight = float(weight)
+        if self.feature_gates is None:
+            return
+        self.feature_gates = decode_gates(_encode_named(self.feature_gates, m, "feature_gates"))
+        for t in range(m):
+            if self.feature_gates[t][t] != _CUTOFF:
+                raise ValueError(f"feature_gates[{t}][{t}]: the diagonal must be cutoff (a label has no features), "
+                                 f"got {self.feature_gates[t][t]!r}")
+        for i, node in enumerate(self.nodes):
+            if not (node.frozen or node.is_ensemble):
+                continue
+            what = "frozen (it learns nothing)" if node.frozen else "an ensemble (it learns nothing)"
+            bad = [s for s, g in enumerate(self.feature_gates[i]) if g != _CUTOFF]
+            if bad:
+                raise ValueError(f"feature_gates[{i}]: node {i} is {what}, so its feature gate row must be all "
+                                 f"cutoff, but feature_gates[{i}][{bad[0]}] is {self.feature_gates[i][bad[0]]!r}")
+            if node.is_ensemble:
+                bad = [t for t in range(m) if self.feature_gates[t][i] != _CUTOFF]
+                if bad:
+                    raise ValueError(f"feature_gates[{bad[0]}][{i}]: node {i} is an ensemble, which has no features "
+                                     "of its own to teach with: its feature gate column must be all cutoff")
+        if not self.has_feature_edges:
+            self.feature_gates = None  # all cutoff is no feature edge at all: one canonical form
+
+    @property
+    def has_feature_edges(self) -> bool:
+        return self.feature_gates is not None and any(g != _CUTOFF for row in self.feature_gates for g in row)
+
+    @property
+    def feature_nodes(self) -> tuple[int, ...]:
+        """The nodes at either end of an open feature edge (their forward also returns features)."""
+        if not self.has_feature_edges:
+            return ()
+        m = len(self.nodes)
+        return tuple(i for i in range(m) if any(self.feature_gates[i][s] != _CUTOFF or self.feature_gates[s][i]
+                                                != _CUTOFF for s in range(m)))
+
+    @property
+    def feature_gate_codes(self) -> tuple[int, ...]:
+        """Flat row-major integer codes of the feature gates (all cutoff when there are none)."""
+        m = len(self.nodes)
+        if self.feature_gates is None:
+            return (int(Gate.CUTOFF),) * (m * m)
+        return encode_gates(self.feature_gates, m)
 
     def _validate_ensemble(self, i: int, node: Node) -> None:
         where = f"nodes[{i}]"
@@ -402,6 +472,9 @@ class Graph:
                 for n in self.nodes
             ],
             "gates": [list(row) for row in self.gates],
+            # written only with an open feature edge: a logit-only graph's file is as before
+            **({"feature_gates": [list(row) for row in self.feature_gates], "feature_stage": self.feature_stage,
+                "feature_weight": self.feature_weight} if self.has_feature_edges else {}),
         }
 
     @classmethod
@@ -430,7 +503,13 @@ class Graph:
                 if not isinstance(g, str):
                     raise TypeError(f"gates[{t}][{s}]: expected a gate name, got {type(g).__name__}")
         temperature = d.get("temperature", 1.0)
-        return cls(nodes, gates, temperature)
+        feature_gates = d.get("feature_gates")
+        if feature_gates is not None and (not isinstance(feature_gates, list)
+                                          or not all(isinstance(row, list) for row in feature_gates)):
+            raise TypeError("feature_gates: expected a list of lists of gate names")
+        return cls(nodes, gates, temperature, feature_gates=feature_gates,
+                   feature_stage=d.get("feature_stage", -1),
+                   feature_weight=d.get("feature_weight", DEFAULT_FEATURE_WEIGHT))
 
     def save(self, path: Union[str, os.PathLike]) -> Path:
         path = Path(path)
@@ -472,7 +551,21 @@ class Graph:
         lines.append("  " + " " * 5 + " ".join(f"{s:>{gw}}" for s in range(m)))
         for t, row in enumerate(self.gates):
             lines.append(f"  {t:<5}" + " ".join(f"{g:>{gw}}" for g in row))
+        if self.has_feature_edges:
+            lines.append(f"  feature gates (attention transfer at stage {self.feature_stage}, "
+                         f"weight {self.feature_weight:g}; row t = learner, column s = source):")
+            lines.append("  " + " " * 5 + " ".join(f"{s:>{gw}}" for s in range(m)))
+            for t, row in enumerate(self.feature_gates):
+                lines.append(f"  {t:<5}" + " ".join(f"{g:>{gw}}" for g in row))
         return "\n".join(lines)
+
+
+def _encode_named(gates, m: int, name: str) -> tuple[int, ...]:
+    """encode_gates with its messages about ``gates`` renamed to ``name``."""
+    try:
+        return encode_gates(gates, m)
+    except (TypeError, ValueError) as e:
+        raise type(e)(str(e).replace("gates", name)) from None
 
 
 def _model_list(models: Sequence[str]) -> list[str]:

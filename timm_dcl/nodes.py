@@ -96,7 +96,10 @@ def _create(spec, where: str, **kwargs) -> nn.Module:
 def check_models_run(graph, input_size: tuple[int, int, int]) -> None:
     """Build every node on the meta device and run one image of ``input_size`` through it, so
     a model that cannot run at that size fails now, with its name, not after the data loaded."""
+    from .features import WithFeatures
+
     x_shape = (1, *input_size)
+    feature_nodes = set(graph.feature_nodes)
     for i, spec in enumerate(graph.nodes):
         if spec.is_ensemble:
             continue  # virtual: no model to build
@@ -108,6 +111,8 @@ def check_models_run(graph, input_size: tuple[int, int, int]) -> None:
                 model.eval()
                 with torch.no_grad():
                     model(torch.empty(x_shape))
+                    if i in feature_nodes:
+                        _check_features(WithFeatures(model, graph.feature_stage), x_shape, where)
         except NotImplementedError:
             continue  # an op without a meta kernel: the real forward will tell
         except ValueError as e:
@@ -118,6 +123,21 @@ def check_models_run(graph, input_size: tuple[int, int, int]) -> None:
             hint = "" if "img_size" in kwargs else " (set its size with --model-kwargs N:img_size=...)"
             raise ValueError(f"{where} cannot run at input size {tuple(input_size)}: "
                              f"{' '.join(str(e).split()) or type(e).__name__}{hint}") from None
+
+
+def _check_features(module, x_shape, where: str) -> None:
+    """The stage a feature edge reads must exist and be an NCHW map."""
+    from .features import check_feature_model
+
+    check_feature_model(module.model, where)
+    try:
+        _, feature = module(torch.empty(x_shape))
+    except (AssertionError, IndexError, RuntimeError, ValueError) as e:
+        raise ValueError(f"{where} cannot give the features of stage {module.stage} (--feature-stage): "
+                         f"{' '.join(str(e).split()) or type(e).__name__}") from None
+    if feature.dim() != 4:
+        raise ValueError(f"{where}: stage {module.stage} gives features of shape {tuple(feature.shape)}, "
+                         "not an NCHW map, so it cannot be in a feature edge")
 
 
 def _classifier_rows(state: dict, classifier) -> Optional[int]:

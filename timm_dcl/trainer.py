@@ -19,6 +19,7 @@ from torch import nn
 from .checkpoint import atomic_save, node_weights_name, rng_state, save_node_weights, set_rng_state
 from .config import TrainConfig
 from .edge_stats import EdgeStats
+from .features import FeatureEdgeLoss, WithFeatures
 from .gates import Gate
 from .graph import Graph
 from .nodes import (check_models_run, create_node_model, pretrained_stats, resolve_eval_crop,
@@ -51,8 +52,9 @@ class _Node:
     An ensemble node has no module (``raw`` is None), only the indices of its ``members``."""
 
     def __init__(self, index: int, spec, model: Optional[nn.Module], frozen: bool, normalise: bool = True,
-                 members: tuple[int, ...] = ()):
+                 members: tuple[int, ...] = (), feature_stage: Optional[int] = None):
         self.index = index
+        self.feature_stage = feature_stage  # None: in no feature edge, its training forward gives logits only
         self.spec = spec
         self.raw = model          # unwrapped: state_dict, evaluation
         self.train_model = model  # DDP-wrapped and/or compiled for training
@@ -117,6 +119,8 @@ class GraphTrainer:
 
         self.nodes = [self._build_node(i, spec) for i, spec in enumerate(graph.nodes)]
         self.loss_fn = KTGLoss(graph.gates, graph.temperature)
+        self.feature_loss = (FeatureEdgeLoss(graph.feature_gate_codes, graph.num_nodes, graph.feature_weight)
+                             if graph.has_feature_edges else None)
         on_gpu = acc.device.type != "cpu"
         self.train_loader = data.train_loader(cfg.batch_size, seed=cfg.seed, num_shards=acc.num_processes,
                                               shard_index=acc.process_index, device=acc.device if on_gpu else None,
@@ -129,6 +133,7 @@ class GraphTrainer:
         self.planned_epochs = cfg.epochs
         self.clock = GateClock(end_iteration=self._gate_iterations(cfg.epochs))
         self.edge_record: dict = {}  # the last epoch's edge diagnostics (edge_stats.py)
+        self.feature_record: dict = {}  # the last epoch's mean feature-edge loss per node
         self._prepare()
         # Dropout, drop-path and augmentation differ between ranks: seed + rank (set_seed adds it).
         set_seed(cfg.seed, device_specific=True)
@@ -183,7 +188,8 @@ class GraphTrainer:
             model.eval().requires_grad_(False)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        return _Node(index, spec, model, spec.frozen, normalise=self.cfg.normalises_inputs)
+        stage = self.graph.feature_stage if index in self.graph.feature_nodes else None
+        return _Node(index, spec, model, spec.frozen, normalise=self.cfg.normalises_inputs, feature_stage=stage)
 
     def _prepare(self) -> None:
         acc, cfg = self.accelerator, self.cfg
@@ -192,20 +198,23 @@ class GraphTrainer:
             n.opt_index = i
         self.node_optimizers = NodeOptimizers([build_node_optimizer(n.raw, n.spec, cfg) for n in trainable],
                                               names=[str(n.index) for n in trainable])
-        # Frozen teachers are never wrapped in DDP: they have no gradients to synchronise.
-        prepared = acc.prepare(*[n.raw for n in trainable], self.node_optimizers)
+        # Frozen teachers are never wrapped in DDP: they have no gradients to synchronise. A node in
+        # a feature edge is prepared inside WithFeatures, so that DDP sees the forward that makes them.
+        prepared = acc.prepare(*[self._with_features(n) for n in trainable], self.node_optimizers)
         if not isinstance(prepared, tuple):
             prepared = (prepared,)
         for n, model in zip(trainable, prepared[:len(trainable)]):
             n.train_model = model
             n.raw = acc.unwrap_model(model)
+            if isinstance(n.raw, WithFeatures):
+                n.raw = n.raw.model
         self.optimizer = prepared[-1]
         self.scheduler = build_scheduler(self.node_optimizers, cfg, epochs=self.planned_epochs,
                                          updates_per_epoch=len(self.train_loader))
         for n in self.nodes:
             if n.frozen and not n.is_ensemble:
                 n.raw.to(acc.device)
-                n.train_model = n.raw
+                n.train_model = self._with_features(n)
         # --compile compiles the whole step (normalisation, every node's forward, the loss op)
         # as one graph, rather than each model alone; progress travels as a tensor so that the
         # linear gates' changing weight does not recompile it (the backward is compiled with it).
@@ -216,6 +225,10 @@ class GraphTrainer:
             mean, std = key
             self._norms[key] = (torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255.0,
                                 torch.tensor(std, device=device).view(1, -1, 1, 1) * 255.0)
+
+    @staticmethod
+    def _with_features(n: _Node) -> nn.Module:
+        return n.raw if n.feature_stage is None else WithFeatures(n.raw, n.feature_stage)
 
     def node_lrs(self) -> list[float]:
         """Each node's learning rate as its optimiser holds it now (0 for frozen and ensemble nodes)."""
@@ -234,10 +247,12 @@ class GraphTrainer:
             out[key] = xn
         return out
 
-    def _forward(self, inputs: dict, *, train: bool) -> list[torch.Tensor]:
-        """Every node's logits, in node order; an ensemble's come from its members' (detached),
-        so the loss op sees it as one more source and needs no kernel of its own."""
+    def _forward(self, inputs: dict, *, train: bool) -> tuple[list[torch.Tensor], list[Optional[torch.Tensor]]]:
+        """Every node's logits, in node order, and (training only) the features of the nodes in
+        feature edges (None for the others). An ensemble's logits come from its members'
+        (detached), so the loss op sees it as one more source and needs no kernel of its own."""
         logits: list = []
+        features: list = [None] * len(self.nodes)
         for n in self.nodes:
             if n.is_ensemble:
                 logits.append(None)
@@ -245,20 +260,28 @@ class GraphTrainer:
             x = inputs[n.norm_key]
             if n.frozen or not train:
                 with torch.no_grad():
-                    logits.append((n.raw if not train else n.train_model)(x))
+                    out = (n.raw if not train else n.train_model)(x)
             else:
-                logits.append(n.train_model(x))
+                out = n.train_model(x)
+            if isinstance(out, tuple):  # WithFeatures: (logits, features)
+                out, features[n.index] = out
+            logits.append(out)
         if len({z.dtype for z in logits if z is not None}) > 1:  # e.g. a head kept in float32 under autocast
             logits = [z if z is None else z.float() for z in logits]
         for n in self.nodes:
             if n.is_ensemble:
                 logits[n.index] = ensemble_logits([logits[s].detach() for s in n.members], self.cfg.ensemble_mean)
-        return logits
+        return logits, features
 
     def _forward_loss(self, images: torch.Tensor, labels: torch.Tensor, progress):
-        """One training forward: every node's logits and the per-node losses ``[M]``."""
-        logits = self._forward(self._inputs(images), train=True)
-        return logits, self.loss_fn(logits, labels, progress=progress)
+        """One training forward: every node's logits, the per-node losses ``[M]`` (logit edges plus
+        feature edges) and the feature edges' share of them (None without feature edges)."""
+        logits, features = self._forward(self._inputs(images), train=True)
+        losses = self.loss_fn(logits, labels, progress=progress)
+        if self.feature_loss is None:
+            return logits, losses, None
+        feature_losses = self.feature_loss(features, logits, labels, progress)
+        return logits, losses + feature_losses.to(losses.dtype), feature_losses
 
     def _clip_gradients(self) -> None:
         from timm.utils import dispatch_clip_grad
@@ -288,6 +311,7 @@ class GraphTrainer:
         gen = torch.Generator(device=acc.device)
         gen.manual_seed(cfg.seed * 1_000_003 + epoch * 7919 + acc.process_index)
         loss_sum = torch.zeros(len(self.nodes), dtype=torch.float64, device=acc.device)
+        feature_sum = torch.zeros_like(loss_sum)
         every = cfg.edge_stats_every
         edges = EdgeStats(self.graph.gate_codes, len(self.nodes), self.graph.temperature, acc.device) if every else None
         bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True,
@@ -299,7 +323,7 @@ class GraphTrainer:
             self.iteration += 1
             progress = self.clock.progress(self.iteration)
             with acc.autocast():
-                logits, losses = self._train_step(
+                logits, losses, feature_losses = self._train_step(
                     images, labels, torch.tensor(progress, dtype=torch.float64) if cfg.compile else progress)
             if edges is not None and step % every == 0:
                 edges.add(logits, labels, progress)  # outside autocast: float32 statistics
@@ -311,6 +335,8 @@ class GraphTrainer:
             if cfg.sched_on_updates:
                 self.scheduler.step_update(self.iteration)
             loss_sum += losses.detach().double()
+            if feature_losses is not None:
+                feature_sum += feature_losses.detach().double()
             if step % 25 == 0 and not bar.disable:
                 bar.set_postfix_str(" ".join(f"{v:.3f}" for v in (loss_sum / (step + 1)).tolist()))
         bar.close()
@@ -319,6 +345,8 @@ class GraphTrainer:
         if not torch.isfinite(mean).all():
             raise FloatingPointError(f"epoch {epoch + 1}: the training loss is not finite ({mean.tolist()}); "
                                      "lower --lr or use --mixed-precision bf16 instead of fp16")
+        self.feature_record = ({} if self.feature_loss is None else
+                               {"feature_loss": acc.reduce(feature_sum / len(self.train_loader), reduction="mean").tolist()})
         return mean.tolist()
 
     @torch.no_grad()
@@ -357,7 +385,7 @@ class GraphTrainer:
         for images, labels in self._eval_loaders[split]:
             images, labels = images.to(acc.device), labels.to(acc.device)
             with acc.autocast():
-                logits = self._forward(self._inputs(images), train=False)
+                logits, _ = self._forward(self._inputs(images), train=False)
             probs = torch.zeros(labels.shape[0], logits[0].shape[1], device=acc.device)
             for i, z in enumerate(logits):
                 z = z.float()
@@ -396,6 +424,7 @@ class GraphTrainer:
                     "lr": lrs,
                     "time": round(time.perf_counter() - start, 3),
                     "split": cfg.eval_split,
+                    **self.feature_record,
                     **self.edge_record,
                 }
                 self.epoch, improved = epoch + 1, top1[0] > self.best_top1
