@@ -122,8 +122,8 @@ def test_ensemble_target_baselines():
     assert [(b.name, b.models) for b in base] == [
         ("independent", ["resnet20", "resnet20"]), ("independent", ["resnet32", "resnet32"]),
         ("dml", ["resnet20", "resnet20"]), ("dml", ["resnet32", "resnet32"])]
-    assert space.canonical(base[0].params).gates_text == "cutoff,cutoff,cutoff;cutoff,through,cutoff;cutoff,cutoff,through"
-    assert space.canonical(base[2].params).gates_text == "cutoff,cutoff,cutoff;cutoff,through,through;cutoff,through,through"
+    assert space.canonical(base[0].params).gates_text == _text([[C, C, C], [C, T, C], [C, C, T]])
+    assert space.canonical(base[2].params).gates_text == _text([[C, C, C], [C, T, T], [C, T, T]])
     for b in base:
         assert not any(k.startswith("gate_0_") for k in b.params)
         graph = space.graph_from_params(b.params)
@@ -154,7 +154,8 @@ def test_ensemble_target_refusals():
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--ensemble-target", "--target-model", "resnet20"], "--target-model resnet20 cannot be used with --ensemble-target"),
+    (["--ensemble-target", "--target-model", "resnet20"],
+     "--target-model resnet20 cannot be used with --ensemble-target"),
     (["--ensemble-target", "--num-nodes", "1"], "--ensemble-target needs --num-nodes ≥ 2"),
     (["--feature-weight", "100"], "--feature-weight weighs the feature edges: it needs --feature-edges"),
     (["--feature-edges", "--feature-weight", "-1"], "--feature-weight must be a finite number ≥ 0"),

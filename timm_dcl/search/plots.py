@@ -95,7 +95,9 @@ def plot_report(rows: Sequence[dict], path: Path, *, title: Optional[str] = None
             ax.errorbar([row["mean"]], [y], xerr=[row["std"] or 0.0], fmt="|", ms=14, color="black", capsize=4,
                         zorder=4)
         rank = f" #{row['rank']}" if row.get("rank") else ""
-        gates = gate_marks(row["gates"]) + (f" AT {gate_marks(row['feature_gates'])}" if row.get("feature_gates") else "")
+        gates = gate_marks(row["gates"])
+        if row.get("feature_gates"):
+            gates += f" AT {gate_marks(row['feature_gates'])}"
         labels.append(f"{row['role']}{rank}  {gates}" + (f"  {row['models']}" if show_models else ""))
     ax.set_yticks(range(len(rows)), labels, fontsize=8, fontfamily="monospace")
     ax.set_ylim(len(rows) - 0.5, -0.5)

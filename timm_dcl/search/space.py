@@ -273,8 +273,8 @@ class SearchSpace:
         """The sampled feature edges (t, s): s ≠ t, and not into or out of an ensemble node 0."""
         if not self.feature_edges:
             return []
-        return [(t, s) for t in self._learners() for s in self._learners() if s != t] if self.ensemble_target \
-            else [(t, s) for t in range(self.num_nodes) for s in range(self.num_nodes) if s != t]
+        nodes = self._learners()  # an ensemble node 0 has no features and learns nothing: neither end
+        return [(t, s) for t in nodes for s in nodes if s != t]
 
     def param_names(self) -> list[str]:
         m = self.num_nodes
@@ -350,7 +350,8 @@ class SearchSpace:
         for t, model in enumerate(names):
             if t == 0 and self.ensemble_target:
                 if any(g != _CUTOFF for g in gates[0]):
-                    raise ValueError("gates[0]: node 0 is the ensemble, which learns nothing: its row must be all cutoff")
+                    raise ValueError("gates[0]: node 0 is the ensemble, which learns nothing: its row must be "
+                                     "all cutoff")
                 nodes.append(Node(ENSEMBLE))
                 continue
             if any(g != _CUTOFF for g in gates[t]):

@@ -85,7 +85,8 @@ def write_trials_csv(study: optuna.Study, space: SearchSpace, path: Path) -> int
         key = trial_key(space, t)
         models, gates, features = split_key(key) if key else ("", "", "")
         w.writerow([t.number, t.state.name, "" if t.value is None else f"{t.value:.4f}", _epochs(t),
-                    f"{duration:.1f}" if duration != "" else "", t.user_attrs.get("baseline", ""), models, gates, features,
+                    f"{duration:.1f}" if duration != "" else "", t.user_attrs.get("baseline", ""), models, gates,
+                    features,
                     " ".join(str(i) for i in t.user_attrs.get("frozen", [])),
                     " ".join(f"{v:.2f}" for v in t.user_attrs.get("top1", [])),
                     t.user_attrs.get("worker", ""),
