@@ -23,13 +23,17 @@ choices must see every shape).
     python benchmarks/bench_train.py --quick --device cpu
     python benchmarks/bench_train.py --device cpu --channels-last yes   # ours in NHWC on CPU too
     python benchmarks/bench_train.py --edge-overhead --device cpu --edge-stats-every 10
+    python benchmarks/bench_train.py --feature-overhead --device cpu --models resnet20,resnet20,resnet20
 
 ``--edge-overhead`` times ours against ours without edge diagnostics (``--edge-stats-every 0``)
-instead of the baseline: the cost of the diagnostics on the training step.
+instead of the baseline: the cost of the diagnostics on the training step. ``--feature-overhead``
+times ours against ours with a through feature edge (attention transfer at the last stage) on
+every pair of nodes: the cost of feature edges, with the feature loss alone timed directly.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -51,6 +55,7 @@ sys.path.insert(0, str(HERE))  # bench_loss, for the authors' edge loop
 DEFAULT_MODELS = ("resnet32", "resnet110", "wrn28_2")
 VARIANTS = ("baseline", "ours")
 NO_EDGES = "ours-no-edge-stats"  # --edge-overhead: ours with edge_stats_every=0, in the baseline's place
+FEATURES = "ours-feature-edges"  # --feature-overhead: ours plus every feature edge through, beside ours
 EDGE_BAR = 0.02  # edge diagnostics may slow the step by at most 2 %
 BAR = 3.0  # on a GPU: ours ≥ 3× the baseline's images/s
 # Timed steps per epoch (the train subset is batch × steps) and timed epochs, per device.
@@ -118,7 +123,12 @@ class _Ours(_Variant):
                           workers=0, mixed_precision=precision, channels_last=channels_last,
                           compile=args.compile, output=None, progress_bar=False, seed=args.seed,
                           edge_stats_every=0 if args.variant == NO_EDGES else args.edge_stats_every)
-        self.trainer = GraphTrainer(Graph.preset("dml", args.models), cfg, data=data, accelerator=acc)
+        graph = Graph.preset("dml", args.models)
+        if args.variant == FEATURES:
+            m = len(args.models)
+            graph = dataclasses.replace(graph, feature_gates=[["cutoff" if s == t else "through" for s in range(m)]
+                                                              for t in range(m)])
+        self.trainer = GraphTrainer(graph, cfg, data=data, accelerator=acc)
         kernel = self.device.type in timm_dcl.kernels_available()
         self.info = {
             "precision": {"no": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}[precision],
@@ -129,6 +139,7 @@ class _Ours(_Variant):
             "steps": len(self.trainer.train_loader),
             "edge_stats_every": cfg.edge_stats_every,
             "edge_ms": self._edge_ms() if cfg.edge_stats_every else None,
+            "feature_ms": self._feature_ms() if graph.has_feature_edges else None,
         }
 
     def _edge_ms(self, calls: int = 50) -> float:
@@ -149,6 +160,33 @@ class _Ours(_Variant):
         t0 = time.perf_counter()
         for _ in range(calls):
             stats.add(logits, labels, 0.5)
+        self.sync()
+        return (time.perf_counter() - t0) / calls * 1e3
+
+    def _feature_ms(self, calls: int = 20) -> float:
+        """ms of the feature loss alone (forward and backward, every edge) on this graph's stage
+        outputs, timed directly beside the epoch-time ratio."""
+        import torch
+
+        t = self.trainer
+        images, labels = next(iter(t.train_loader))
+        images, labels = images.to(self.device), labels.to(self.device)
+        with torch.no_grad(), t.accelerator.autocast():
+            inputs = t._inputs(images)
+            outs = [n.train_model(inputs[n.norm_key]) for n in t.nodes]
+        logits = [z for z, _ in outs]
+        shapes = [f for _, f in outs]
+
+        def once():
+            feats = [f.detach().clone().requires_grad_() for f in shapes]
+            t.feature_loss(feats, logits, labels, 0.5).sum().backward()
+
+        for _ in range(3):
+            once()
+        self.sync()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            once()
         self.sync()
         return (time.perf_counter() - t0) / calls * 1e3
 
@@ -369,11 +407,13 @@ def _mib(n: Optional[int]) -> str:
 def table(results: list[Result]) -> str:
     cuda = any(r.device == "cuda" for r in results)
     head = ["variant", "device", "dtype/layout", "loss", "images/s", "ms/step",
-            "vs " + ("no edge stats" if any(r.variant == NO_EDGES for r in results) else "baseline")]
+            "vs " + ("no edge stats" if any(r.variant == NO_EDGES for r in results)
+                     else "ours" if any(r.variant == FEATURES for r in results) else "baseline")]
     if cuda:
         head.append("peak memory")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    base = {r.device: r for r in results if r.variant in ("baseline", NO_EDGES)}
+    features = any(r.variant == FEATURES for r in results)
+    base = {r.device: r for r in results if r.variant in ("baseline", NO_EDGES) or (features and r.variant == "ours")}
     for r in results:
         layout = f"{r.info['precision']}, {r.info['layout']}" + (", compiled" if r.info["compile"] else "")
         ratio = r.images_per_s / base[r.device].images_per_s if r.device in base else float("nan")
@@ -399,6 +439,16 @@ def edge_overhead(results: list[Result]) -> dict[str, tuple[float, list[float]]]
 def bars(results: list[Result]) -> list[tuple[str, Optional[bool]]]:
     out = []
     by = {(r.device, r.variant): r for r in results}
+    if any(r.variant == FEATURES for r in results):
+        for device in dict.fromkeys(r.device for r in results):
+            on, off = by[device, FEATURES], by[device, "ours"]
+            pairs = [a / b - 1 for a, b in zip(on.seconds, off.seconds)]
+            spread = f"pairs {min(pairs):+.1%} … {max(pairs):+.1%}" if pairs else "no pairs"
+            out.append((f"{device}: feature edges (every pair, through) slow the step by {on.epoch_s / off.epoch_s - 1:+.1%} "
+                        f"(epoch-time ratio, {spread}); the feature loss alone, forward and backward: "
+                        f"{on.info['feature_ms']:.2f} ms = {on.info['feature_ms'] / off.ms_per_step:.2%} of the "
+                        f"logit-only step (no bar: measured, as issue 10 asks)", None))
+        return out
     if any(r.variant == NO_EDGES for r in results):
         # The bar rests on the direct timing (the diagnostics' own cost against the step without
         # them): on a shared machine the epoch-time ratio's noise is far above 2 %, so it is
@@ -441,6 +491,9 @@ def summary(results: list[Result], args) -> str:
                 lines.append(f"- {device} {r.variant}: edge diagnostics of one sampled batch, timed alone: "
                              f"{r.info['edge_ms']:.3f} ms, every {every} step(s) of {r.ms_per_step:,.1f} ms: "
                              f"{r.info['edge_ms'] / every / r.ms_per_step:.3%} of the step")
+            if r.info.get("feature_ms") is not None:
+                lines.append(f"- {device} {r.variant}: the feature loss alone (every edge, forward and backward), "
+                             f"timed directly: {r.info['feature_ms']:.3f} ms per step of {r.ms_per_step:,.1f} ms")
             lines.append(f"- {device} {r.variant}: data = {r.info['data']}; warm-up {r.warmup_s:.1f} s"
                          + (" (includes torch.compile)" if r.info["compile"] else "")
                          + "; epochs " + ", ".join(f"{s:.2f}" for s in r.seconds) + " s")
@@ -495,11 +548,15 @@ def parse_args(argv=None):
     ap.add_argument("--edge-overhead", action="store_true",
                     help="time ours against ours without edge diagnostics instead of the baseline")
     # Internal: run one variant as a worker, driven over stdin/stdout by the parent.
-    ap.add_argument("--variant", choices=VARIANTS + (NO_EDGES,), help=argparse.SUPPRESS)
+    ap.add_argument("--feature-overhead", action="store_true",
+                    help="time ours against ours with every feature edge through instead of the baseline")
+    ap.add_argument("--variant", choices=VARIANTS + (NO_EDGES, FEATURES), help=argparse.SUPPRESS)
     ap.add_argument("--data-file", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
-    args.variants = (NO_EDGES, "ours") if args.edge_overhead else VARIANTS
+    if args.edge_overhead and args.feature_overhead:
+        ap.error("give --edge-overhead or --feature-overhead, not both")
+    args.variants = (NO_EDGES, "ours") if args.edge_overhead else ("ours", FEATURES) if args.feature_overhead else VARIANTS
     if args.edge_overhead and args.edge_stats_every < 1:
         ap.error("--edge-overhead needs --edge-stats-every ≥ 1")
     if args.edge_stats_every < 0:

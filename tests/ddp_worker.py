@@ -4,20 +4,25 @@ Trains a 2-node graph for one epoch, then every rank saves its own copy of the w
 so the test can check that DDP kept them identical, and the rows of the images it trained on.
 """
 import argparse
+import dataclasses
 from pathlib import Path
 
 import torch
 
 from timm_dcl.config import TrainConfig
+from timm_dcl.gates import parse_gates
 from timm_dcl.graph import Graph
 from timm_dcl.trainer import GraphTrainer
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--data-dir", required=True)
 parser.add_argument("--output", required=True)
+parser.add_argument("--feature-gates", default=None, help="feature edges too (DDP must wrap the features' forward)")
 args = parser.parse_args()
 
 graph = Graph.preset("dml", ["resnet20", "resnet20"])
+if args.feature_gates:
+    graph = dataclasses.replace(graph, feature_gates=parse_gates(args.feature_gates, 2))
 cfg = TrainConfig(dataset="cifar10", data_dir=args.data_dir, train_subset=128, eval_subset=40, batch_size=16,
                   epochs=1, workers=0, progress_bar=False, output=str(Path(args.output) / "run"))
 trainer = GraphTrainer(graph, cfg)

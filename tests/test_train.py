@@ -156,11 +156,14 @@ def test_learning_rate_schedule_matches_the_paper():
     assert lr_at_epoch(cos, 0) == pytest.approx(0.1) and lr_at_epoch(cos, 5) == pytest.approx(0.05)
 
 
-def test_two_process_ddp_keeps_nodes_in_sync(tmp_path, cifar10):
+@pytest.mark.parametrize("feature_gates", [None, "cutoff,through;linear,cutoff"], ids=["logits", "feature-edges"])
+def test_two_process_ddp_keeps_nodes_in_sync(tmp_path, cifar10, feature_gates):
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
            str(REPO_ROOT / "tests" / "ddp_worker.py"), "--data-dir", cifar10, "--output", str(tmp_path)]
+    if feature_gates:
+        cmd += ["--feature-gates", feature_gates]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     saved = [torch.load(tmp_path / f"rank{r}.pth", weights_only=True) for r in (0, 1)]
@@ -181,7 +184,10 @@ def test_two_process_ddp_keeps_nodes_in_sync(tmp_path, cifar10):
     # Each rank has its own RNG stream (seed + rank: dropout and drop-path differ), saved for the resume.
     state = torch.load(tmp_path / "run" / "checkpoints" / "last.pth", weights_only=False)
     assert len(state["rng"]) == 2 and not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
-    assert len(read_metrics(tmp_path / "run")) == 1
+    records = read_metrics(tmp_path / "run")
+    assert len(records) == 1
+    if feature_gates:  # the feature edges trained (and DDP averaged their gradients: the states above agree)
+        assert records[0]["feature_loss"][0] > 0 and records[0]["feature_loss"][1] > 0
 
 
 @pytest.mark.parametrize("model", ["resnet20", "resnet32"])

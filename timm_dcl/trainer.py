@@ -16,7 +16,6 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .checkpoint import atomic_save, node_weights_name, rng_state, save_node_weights, set_rng_state
 from .config import TrainConfig
 from .edge_stats import EdgeStats
 from .features import FeatureEdgeLoss, WithFeatures
@@ -26,12 +25,12 @@ from .nodes import (check_models_run, create_node_model, pretrained_stats, resol
                     resolve_input_size)
 from .ops import KTGLoss
 from .recipe import GateClock, NodeOptimizers, build_node_optimizer, build_scheduler, check_optimizer_names
+from .run_state import STATE_FORMAT, RunState  # noqa: F401  (STATE_FORMAT: part of this module's API)
 from .recipe import lr_at_epoch  # noqa: F401  (part of this module's API since the first release)
 from . import run_files
 
 __all__ = ["train_graph", "GraphTrainer", "TrainResult", "lr_at_epoch", "build_run_data", "ensemble_logits"]
 
-STATE_FORMAT = "timm_dcl.train.v1"
 EpochCallback = Callable[[dict], None]
 
 
@@ -82,7 +81,7 @@ def _flat_config(cfg: TrainConfig) -> dict:
     return {k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool))}
 
 
-class GraphTrainer:
+class GraphTrainer(RunState):
     def __init__(self, graph: Graph, cfg: TrainConfig, *, data=None, accelerator=None):
         self.graph = graph
         self.cfg = cfg
@@ -458,112 +457,6 @@ class GraphTrainer:
         acc.wait_for_everyone()
         return TrainResult(history=list(self.history), best_top1=self.best_top1, best_epoch=self.best_epoch,
                            output=self.output)
-
-    # ----------------------------------------------------------------------- checkpoints
-    def _rng_states(self):
-        """Every rank's RNG state, gathered (a resume restores each rank its own)."""
-        acc = self.accelerator
-        if acc.num_processes == 1:
-            return [rng_state()]
-        from accelerate.utils import gather_object
-        return gather_object([rng_state()])
-
-    def _state(self, rng) -> dict:
-        return {
-            "format": STATE_FORMAT,
-            "epoch": self.epoch,
-            "iteration": self.iteration,
-            "graph": self.graph.to_dict(),
-            "num_classes": self.num_classes,
-            "plan": {"epochs": self.planned_epochs, "iterations_per_epoch": len(self.train_loader),
-                     "clock": self.clock.to_dict()},
-            # A frozen node's state only changes with --frozen-bn train (its BN statistics drift).
-            # An ensemble node has no state at all.
-            "models": [None if n.is_ensemble or (n.frozen and not self._frozen_bn_train) else n.raw.state_dict()
-                       for n in self.nodes],
-            "optimizer": self.node_optimizers.state_dict(),
-            "scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler is not None else None,
-            "rng": rng,
-            "best": {"top1": self.best_top1, "epoch": self.best_epoch},
-            "history": self.history,
-        }
-
-    def _save_state(self, which: str, rng: list) -> None:
-        if self.output is not None and self.accelerator.is_main_process:
-            atomic_save(self._state(rng), self.output / "checkpoints" / f"{which}.pth")
-
-    def _read_resume_state(self) -> dict:
-        path = Path(self.cfg.resume) / "checkpoints" / "last.pth"
-        if not path.is_file():
-            raise FileNotFoundError(f"--resume {self.cfg.resume}: no checkpoint at {path}")
-        # Our own file: it holds RNG states (numpy arrays), so the full unpickler is needed.
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-            raise ValueError(f"--resume {self.cfg.resume}: {path} is not a timm-dcl training checkpoint")
-        theirs, ours = Graph.from_dict(state["graph"]).to_dict(), self.graph.to_dict()
-        if theirs != ours:
-            diff = [k for k in ours if ours.get(k) != theirs.get(k)]
-            raise ValueError(f"--resume {self.cfg.resume} holds a different graph (differs in: {', '.join(diff)}); "
-                             "resume with the same graph, or omit --node-models/--graph to reuse its graph.json")
-        if "optimizer" not in state or "plan" not in state:
-            raise ValueError(f"--resume {self.cfg.resume}: {path} was written by an older timm-dcl "
-                             "(one optimiser per node, no schedule plan); it cannot be resumed by this version")
-        return state
-
-    def _load_state(self, state: dict) -> None:
-        acc, cfg = self.accelerator, self.cfg
-        if state["num_classes"] != self.num_classes:
-            raise ValueError(f"--resume: the checkpoint has {state['num_classes']} classes, "
-                             f"this data set {self.num_classes}")
-        plan = state["plan"]
-        if plan["iterations_per_epoch"] != len(self.train_loader):
-            raise ValueError(f"--resume: the run had {plan['iterations_per_epoch']} iterations per epoch, this one "
-                             f"{len(self.train_loader)}: resume with the same data, batch size and processes")
-        for n, model_state in zip(self.nodes, state["models"]):
-            if model_state is not None and (n.trains or (n.frozen and self._frozen_bn_train)):
-                n.raw.load_state_dict(model_state)
-        self.node_optimizers.load_state_dict(state["optimizer"])
-        if state.get("scaler") is not None and acc.scaler is not None:
-            acc.scaler.load_state_dict(state["scaler"])
-        self.epoch, self.iteration = state["epoch"], state["iteration"]
-        self.best_top1, self.best_epoch = state["best"]["top1"], state["best"]["epoch"]
-        self.history = list(state["history"])
-        self.clock = GateClock(**plan["clock"])
-        self.planned_epochs = plan["epochs"]
-        if plan["epochs"] != cfg.epochs:
-            self._replan(plan["epochs"])
-        rng = state["rng"]
-        if isinstance(rng, list) and len(rng) == acc.num_processes:
-            set_rng_state(rng[acc.process_index])
-        else:
-            from accelerate.utils import set_seed
-            set_seed(cfg.seed + 7919 * self.epoch, device_specific=True)
-            acc.print(f"resume: the run's RNG states are for {len(rng) if isinstance(rng, list) else 1} process(es), "
-                      f"this run has {acc.num_processes}: dropout and augmentation are re-seeded")
-
-    def _replan(self, old_epochs: int) -> None:
-        cfg, acc = self.cfg, self.accelerator
-        per_epoch = len(self.train_loader)
-        if cfg.resume_schedule == "keep":
-            self.scheduler = build_scheduler(self.node_optimizers, cfg, epochs=old_epochs, updates_per_epoch=per_epoch)
-            acc.print(f"resume: --epochs {old_epochs} → {cfg.epochs}: keeping the original {old_epochs}-epoch "
-                      "schedule (lr and linear gates); --resume-schedule replan re-plans them")
-            return
-        before = self.clock.progress(self.iteration)
-        self.clock = self.clock.replanned(self.iteration, self._gate_iterations(cfg.epochs))
-        self.planned_epochs = cfg.epochs
-        self.scheduler = build_scheduler(self.node_optimizers, cfg, epochs=cfg.epochs, updates_per_epoch=per_epoch)
-        acc.print(f"resume: --epochs {old_epochs} → {cfg.epochs}: lr schedule re-planned over {cfg.epochs} epochs; "
-                  f"linear gates continue from {before:.3f} to 1 at the new end (--resume-schedule keep keeps "
-                  "the original plan)")
-
-    def _save_node_weights(self) -> None:
-        for n, top1 in zip(self.nodes, self.history[-1]["top1"] if self.history else [None] * len(self.nodes)):
-            if not n.trains:
-                continue
-            save_node_weights(self.output / "nodes" / node_weights_name(n.index, n.spec.model), n.raw,
-                              model_name=n.spec.model, model_kwargs=n.spec.model_kwargs,
-                              num_classes=self.num_classes, dataset=self.cfg.dataset, top1=top1)
 
 
 def ensemble_logits(members: list[torch.Tensor], mean: str = "logits") -> torch.Tensor:
