@@ -88,6 +88,28 @@ class FeatureEdgeLoss:
         self._correct = torch.tensor([[1.0 if c == Gate.CORRECT else 0.0 for c in row] for row in rows])
         self._any_correct = bool(self._correct.any())
         self._any_linear = bool(self._linear.any())
+        # Per step these would be host-to-device copies: made once per device, dtype and map sizes.
+        self._consts: dict = {}
+        self._groups: dict = {}
+
+    def _factors(self, device, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        key = (device, dtype)
+        if key not in self._consts:
+            self._consts[key] = tuple(x.to(device, dtype) for x in (self._fixed, self._linear, self._correct))
+        return self._consts[key]
+
+    def _size_groups(self, maps: dict, device) -> list:
+        """The targets by map size: (size, their rows in the factor matrix, their node indices)."""
+        sizes = tuple(tuple(maps[t].shape[-2:]) for t in self.targets)
+        key = (device, sizes)
+        if key not in self._groups:
+            rows_of: dict = {}
+            for row, size in enumerate(sizes):
+                rows_of.setdefault(size, []).append(row)
+            self._groups[key] = [(size, torch.tensor(rows, device=device),
+                                  torch.tensor([self.targets[r] for r in rows], device=device), rows)
+                                 for size, rows in rows_of.items()]
+        return self._groups[key]
 
     @property
     def active(self) -> bool:
@@ -104,27 +126,24 @@ class FeatureEdgeLoss:
         maps = {i: attention_map(features[i]) for i in self.nodes}
         b = labels.shape[0]
         # [T, S, B]: each edge's weight per sample (the gate's weight times the correct mask)
-        factor = self._fixed.to(device, dtype)
+        fixed, linear, correct = self._factors(device, dtype)
+        factor = fixed
         if self._any_linear:
-            p = progress.to(device, dtype) if isinstance(progress, torch.Tensor) else torch.tensor(float(progress), dtype=dtype, device=device)
-            factor = factor + self._linear.to(device, dtype) * p
+            factor = factor + linear * (progress.to(device, dtype) if isinstance(progress, torch.Tensor)
+                                        else float(progress))
         factor = factor.unsqueeze(-1).expand(-1, -1, b)
         if self._any_correct:
             mask = _correct_masks(logits, labels, self.sources).to(dtype)  # [S, B]
-            correct = self._correct.to(device, dtype).unsqueeze(-1)
+            correct = correct.unsqueeze(-1)
             factor = factor * (1 - correct + correct * mask.unsqueeze(0))
-        sizes = {}
-        for row, t in enumerate(self.targets):
-            sizes.setdefault(tuple(maps[t].shape[-2:]), []).append(row)
-        for size, rows in sizes.items():
+        for size, row_idx, node_idx, rows in self._size_groups(maps, device):
             q_t = torch.stack([_normalised(maps[self.targets[r]]) for r in rows])  # [T', B, P]
             q_s = torch.stack([_normalised(resize_map(maps[s].detach(), size)) for s in self.sources])  # [S, B, P]
             p = q_t.shape[-1]
             dist = (q_t.pow(2).sum(-1).unsqueeze(1) + q_s.pow(2).sum(-1).unsqueeze(0)
                     - 2 * torch.einsum("tbp,sbp->tsb", q_t, q_s)) / p  # [T', S, B]: mean over positions
-            idx = torch.tensor(rows, device=device)
-            per_target = (factor.index_select(0, idx) * dist).sum(dim=1).mean(dim=-1) * self.weight
-            out = out.index_add(0, torch.tensor([self.targets[r] for r in rows], device=device), per_target)
+            per_target = (factor.index_select(0, row_idx) * dist).sum(dim=1).mean(dim=-1) * self.weight
+            out = out.index_add(0, node_idx, per_target)
         return out
 
 
