@@ -29,7 +29,8 @@ from .run_state import STATE_FORMAT, RunState  # noqa: F401  (STATE_FORMAT: part
 from .recipe import lr_at_epoch  # noqa: F401  (part of this module's API since the first release)
 from . import run_files
 
-__all__ = ["train_graph", "GraphTrainer", "TrainResult", "lr_at_epoch", "build_run_data", "ensemble_logits"]
+__all__ = ["train_graph", "GraphTrainer", "TrainResult", "lr_at_epoch", "build_run_data", "ensemble_logits",
+           "node_init_seed"]
 
 EpochCallback = Callable[[dict], None]
 
@@ -181,6 +182,10 @@ class GraphTrainer(RunState):
     def _build_node(self, index: int, spec) -> _Node:
         if spec.is_ensemble:
             return _Node(index, spec, None, False, members=self.graph.ensemble_members(index))
+        # Each node's random initialisation depends on (seed, its index) alone, not on the nodes
+        # built before it: seed k of two graphs that share node 0's model starts node 0 from the
+        # same weights, so their runs differ only by the graph (the report pairs them by seed).
+        torch.manual_seed(node_init_seed(self.cfg.seed, index))
         model = create_node_model(spec, index, num_classes=self.num_classes, input_size=self.input_size,
                                   log=self.accelerator.print, paper_init=self.cfg.paper)
         if spec.frozen:
@@ -457,6 +462,12 @@ class GraphTrainer(RunState):
         acc.wait_for_everyone()
         return TrainResult(history=list(self.history), best_top1=self.best_top1, best_epoch=self.best_epoch,
                            output=self.output)
+
+
+def node_init_seed(seed: int, index: int) -> int:
+    """The torch seed node ``index`` of a run seeded ``seed`` is initialised under (a mix of both, so
+    node 1 of seed k is not node 0 of seed k + 1)."""
+    return (int(seed) * 1_000_003 + 7_919 * (int(index) + 1)) % (2**63 - 1)
 
 
 def ensemble_logits(members: list[torch.Tensor], mean: str = "logits") -> torch.Tensor:
