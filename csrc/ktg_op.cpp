@@ -285,6 +285,17 @@ struct KtgLossBackward : public torch::autograd::Node {
   }
 };
 
+// torch 2.14 holds autograd nodes in c10::intrusive_ptr, earlier releases in std::shared_ptr:
+// the node is made the way the torch it is built against holds it.
+template <typename T>
+auto make_autograd_node() {
+  if constexpr (std::is_base_of_v<c10::intrusive_ptr_target, torch::autograd::Node>) {
+    return c10::make_intrusive<T>();
+  } else {
+    return std::make_shared<T>();
+  }
+}
+
 // Validated labels: the kernels take int64.
 at::Tensor validated_labels(at::TensorList logits, const at::Tensor& labels, c10::IntArrayRef gates,
                             double temperature, double progress,
@@ -308,7 +319,7 @@ at::Tensor ktg_loss_autograd(at::TensorList logits, const at::Tensor& labels, c1
     std::tie(losses, stats) = forward_op().call(logits, y, gates, temperature, progress, progress_tensor);
   }
   if (!requires_grad) return losses;
-  auto node = c10::make_intrusive<KtgLossBackward>();
+  auto node = make_autograd_node<KtgLossBackward>();
   torch::autograd::edge_list edges;
   edges.reserve(logits.size());
   node->logits.reserve(logits.size());
