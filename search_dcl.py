@@ -26,17 +26,11 @@ import time
 from pathlib import Path
 
 
-class _OneLineErrors(argparse.ArgumentParser):
-    """A bad flag is one line, like every other error of this script (argparse adds the usage)."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
+    from timm_dcl.cli import OneLineArgumentParser
     from timm_dcl.config import HelpFormatter, add_data_args, add_train_args
 
-    parser = _OneLineErrors(
+    parser = OneLineArgumentParser(
         prog="search_dcl.py", description="Search the models and gates of a Knowledge Transfer Graph with ASHA (Optuna).",
         formatter_class=HelpFormatter)
     g = parser.add_argument_group("search space")

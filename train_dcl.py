@@ -17,10 +17,11 @@ PROG = "train_dcl.py"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from timm_dcl.cli import HelpFormatter, add_config_arg, add_data_args, add_graph_args, add_train_args
+    from timm_dcl.cli import (HelpFormatter, OneLineArgumentParser, add_config_arg, add_data_args, add_graph_args,
+                              add_train_args)
     from timm_dcl.config import RESUME_SCHEDULES, TRACKERS
 
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog=PROG, description="Train a Knowledge Transfer Graph (deep collaborative learning) of timm models.",
         formatter_class=HelpFormatter)
     add_config_arg(parser)
@@ -79,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         args, parser = parse_args(argv)
     except CliError as e:
         return fail(PROG, e)
+    except SystemExit as e:  # --help, or a bad flag (one line already printed): an exit status
+        return int(e.code or 0)
     from timm_dcl.config import TrainConfig
     from timm_dcl.data import DatasetUnavailableError
     from timm_dcl.graph import Graph

@@ -225,3 +225,29 @@ def test_dml_at_the_papers_lr_does_not_blow_up(cifar10, model):
         losses.append(float(loss.detach().sum()) / 2)
     assert peak < 25, f"logits blew up to |z| = {peak:.1f}"
     assert sum(losses[-5:]) / 5 < losses[0] - 0.1, f"no progress: {losses}"
+
+
+def test_eval_every_skips_epochs_but_always_the_last(tmp_path, cifar10):
+    """--eval-every 2 over 3 epochs evaluates epochs 2 and 3 (the last, always); epoch 1 is
+    recorded with top1 null, and every output reads the evaluated epochs only."""
+    out = _run(tmp_path, "run", "--node-models", "resnet20", "--dataset", "cifar10", "--data-dir", cifar10,
+               "--epochs", "3", "--eval-every", "2", *TINY)
+    records = read_metrics(out)
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert records[0]["top1"] is None and records[0]["ensemble_top1"] is None
+    assert all(isinstance(r["top1"][0], float) for r in records[1:])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final_top1"] == records[2]["top1"]
+    assert summary["best_top1"] == [max(records[1]["top1"][0], records[2]["top1"][0])]
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert rows[1].split(",")[1:3] == ["", ""] and rows[3].split(",")[1] == str(records[2]["top1"][0])
+    assert (out / "curves.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "two"])
+def test_eval_every_bad_value_is_one_line(value, capsys, cifar10):
+    code = train_dcl.main(["--node-models", "resnet20", "--dataset", "cifar10", "--data-dir", cifar10,
+                           "--eval-every", value, "--output", "unused", "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("train_dcl.py: error:") and "--eval-every" in err[0]

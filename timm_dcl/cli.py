@@ -26,6 +26,14 @@ GRAPH_DESTS = ("node_models", "gates", "preset", "checkpoints", "temperature", "
                "feature_gates", "feature_stage", "feature_weight")
 
 
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """A bad flag is one line (``prog: error: …``, exit 2), like every other error of the scripts:
+    argparse would print the whole usage first."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 class CliError(ValueError):
     """Bad command-line input: printed as one line ``prog: error: ...`` with exit status 2."""
 
@@ -120,6 +128,9 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--frozen-bn", default="eval", choices=FROZEN_BN,
                    help="frozen nodes' BatchNorm while training: eval (running statistics, SPEC §3) or train "
                         "(batch statistics, the running ones drift, as in the authors' code)")
+    g.add_argument("--eval-every", type=int, default=1, metavar="N",
+                   help="evaluate every N-th epoch and always the last (the others are recorded with top1 null); "
+                        "on CPU a full test split every epoch can cost as much as the training")
     g.add_argument("--edge-stats-every", type=int, default=10, metavar="N",
                    help="edge diagnostics (edge loss, correct-gate kept fraction, gate weight per edge, in "
                         "metrics.jsonl and edges.png) from every N-th training batch; 0: none")

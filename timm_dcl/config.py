@@ -82,6 +82,7 @@ class TrainConfig:
     ensemble_mean: str = "logits"  # ensemble nodes: mean of logits (the authors' code) or "probs"
     # runtime
     edge_stats_every: int = 10  # edge diagnostics from every N-th training batch; 0: none
+    eval_every: int = 1  # evaluate every N-th epoch (and always the last)
     mixed_precision: Optional[str] = None  # None: whatever the accelerate config says
     channels_last: Optional[bool] = None  # None: on for CPU and for mixed precision, where oneDNN/cuDNN prefer NHWC
     compile: bool = False
@@ -158,6 +159,8 @@ class TrainConfig:
             raise ValueError(f"--frozen-bn must be eval or train, got {self.frozen_bn!r}")
         if self.ensemble_mean not in ENSEMBLE_MEANS:
             raise ValueError(f"--ensemble-mean must be logits or probs, got {self.ensemble_mean!r}")
+        if isinstance(self.eval_every, bool) or not isinstance(self.eval_every, int) or self.eval_every < 1:
+            raise ValueError(f"--eval-every must be an integer ≥ 1, got {self.eval_every!r}")
         if int(self.edge_stats_every) < 0:
             raise ValueError(f"--edge-stats-every must be ≥ 0 (0: no edge diagnostics), got {self.edge_stats_every}")
 

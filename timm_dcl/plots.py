@@ -17,14 +17,16 @@ def plot_curves(history: Sequence[dict], labels: Sequence[str], path: str | os.P
     if not history:
         return
     epochs = [r["epoch"] for r in history]
+    evaluated = [r for r in history if r["top1"] is not None]  # --eval-every skips some epochs
+    eval_epochs = [r["epoch"] for r in evaluated]
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4.2))
     colors = plt.get_cmap("tab10")
     for n, label in enumerate(labels):
         color = colors(n % 10)
-        ax_acc.plot(epochs, [r["top1"][n] for r in history], "-o", ms=3, color=color, label=label)
+        ax_acc.plot(eval_epochs, [r["top1"][n] for r in evaluated], "-o", ms=3, color=color, label=label)
         ax_loss.plot(epochs, [r["train_loss"][n] for r in history], "-o", ms=3, color=color, label=label)
     if len(labels) > 1:
-        ax_acc.plot(epochs, [r["ensemble_top1"] for r in history], "--", color="black", label="ensemble")
+        ax_acc.plot(eval_epochs, [r["ensemble_top1"] for r in evaluated], "--", color="black", label="ensemble")
     split = history[-1].get("split", "test")
     ax_acc.set(xlabel="epoch", ylabel=f"top-1 on {split} (%)", title="accuracy")
     ax_loss.set(xlabel="epoch", ylabel="training loss $L_t$", title="loss")

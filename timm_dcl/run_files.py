@@ -75,12 +75,15 @@ def _write_csv(output: Path, history: list[dict], m: int) -> None:
         w = csv.writer(f)
         w.writerow(header)
         for r in history:
-            w.writerow([r["epoch"], *r["top1"], r["ensemble_top1"], *r["train_loss"], *r["lr"], r["time"]])
+            top1 = r["top1"] if r["top1"] is not None else [""] * m  # an epoch not evaluated (--eval-every)
+            ens = r["ensemble_top1"] if r["ensemble_top1"] is not None else ""
+            w.writerow([r["epoch"], *top1, ens, *r["train_loss"], *r["lr"], r["time"]])
 
 
 def write_summary(output: Path, history: list[dict], nodes, *, epochs: int, split: str, printer=print) -> None:
-    last = history[-1] if history else None
-    best = {n.index: max((r["top1"][n.index] for r in history), default=float("nan")) for n in nodes}
+    evaluated = [r for r in history if r["top1"] is not None]  # --eval-every skips some epochs
+    last = evaluated[-1] if evaluated else None
+    best = {n.index: max((r["top1"][n.index] for r in evaluated), default=float("nan")) for n in nodes}
     summary = {
         "nodes": [n.spec.model for n in nodes],
         "frozen": [n.frozen for n in nodes],

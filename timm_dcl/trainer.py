@@ -419,7 +419,8 @@ class GraphTrainer(RunState):
                 train_loss = self._train_epoch(epoch)
                 lrs = self.epoch_lrs  # as the optimisers held them for the epoch's first step
                 self._sync_buffers()
-                top1, ens = self.evaluate(self.eval_name)
+                evaluated = (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs
+                top1, ens = self.evaluate(self.eval_name) if evaluated else (None, None)
                 record = {
                     "epoch": epoch + 1,
                     "top1": top1,
@@ -431,7 +432,7 @@ class GraphTrainer(RunState):
                     **self.feature_record,
                     **self.edge_record,
                 }
-                self.epoch, improved = epoch + 1, top1[0] > self.best_top1
+                self.epoch, improved = epoch + 1, evaluated and top1[0] > self.best_top1
                 if improved:
                     self.best_top1, self.best_epoch = top1[0], epoch + 1
                 self.history.append(record)
@@ -442,13 +443,14 @@ class GraphTrainer(RunState):
                         self._save_state("best", rng)
                     run_files.append_metrics(self.output, record, self.history, [n.label for n in self.nodes])
                 if acc.trackers:
-                    acc.log({f"top1/{i}": v for i, v in enumerate(top1)} | {"top1/ensemble": ens}
+                    acc.log(({f"top1/{i}": v for i, v in enumerate(top1)} | {"top1/ensemble": ens} if evaluated else {})
                             | {f"loss/{i}": v for i, v in enumerate(train_loss)}
                             | {f"lr/{i}": v for i, v in enumerate(lrs)}, step=epoch + 1)
                 if main:
-                    acc.print(f"epoch {epoch + 1:>3}/{cfg.epochs}  " + "  ".join(
-                        f"{n.index}:{t:6.2f}%" for n, t in zip(self.nodes, top1))
-                        + f"  ens:{ens:6.2f}%  loss " + " ".join(f"{v:.3f}" for v in train_loss)
+                    accuracy = ("  ".join(f"{n.index}:{t:6.2f}%" for n, t in zip(self.nodes, top1))
+                                + f"  ens:{ens:6.2f}%") if evaluated else "(not evaluated)"
+                    acc.print(f"epoch {epoch + 1:>3}/{cfg.epochs}  {accuracy}  loss "
+                              + " ".join(f"{v:.3f}" for v in train_loss)
                         + f"  {record['time']:.1f}s")
                 if epoch_callback is not None:
                     epoch_callback(record)

@@ -154,7 +154,9 @@ class SearchWorker:
             raise ValueError("the search measures node 0 on a validation split held out of the training data: "
                              "--val-size must be ≥ 1")
         self.study, self.storage, self.space, self.data = study, storage, space, data
-        self.cfg = dataclasses.replace(cfg, eval_split="val", output=None, resume=None, progress_bar=False)
+        # ASHA compares trials at every rung epoch: trials evaluate every epoch (--eval-every is the report's)
+        self.cfg = dataclasses.replace(cfg, eval_split="val", output=None, resume=None, progress_bar=False,
+                                       eval_every=1)
         self.n_trials = n_trials
         self.poll_interval = poll_interval
         self.worker = worker or WorkerInfo()
