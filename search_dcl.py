@@ -81,6 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "OUTPUT/report.md, report.json, report.png (runs in OUTPUT/report/, resumable)")
     g.add_argument("--report-top", type=int, default=3, metavar="K", help="searched graphs in the report")
     g.add_argument("--report-seeds", type=int, default=3, metavar="N", help="runs per graph in the report")
+    g.add_argument("--report-graphs", action="append", default=None, metavar="NAME=FILE[,NAME=FILE]",
+                   help="more graphs for the report, each a graph JSON (train_dcl.py --graph's form: models, gates, "
+                        "temperature, checkpoints, node lr) trained under the study's recipe over the same seeds "
+                        "and listed as NAME (repeatable)")
+    g.add_argument("--report-vs", default=None, metavar="NAME[,NAME]",
+                   help="the rows every row is compared with, paired by seed (default: every row that is not a "
+                        "searched graph; a searched one is named 'searched #RANK')")
     g.add_argument("--output", default=None, metavar="DIR",
                    help="default: output/search/<dataset>-<M>nodes, plus -ensemble and -features in those modes")
     add_data_args(parser)
@@ -133,7 +140,13 @@ def _search(args: argparse.Namespace, worker) -> int:
         if args.val_size < 1:
             raise ValueError("the search scores node 0 on a validation split held out of the training data: "
                              "--val-size must be ≥ 1")
-        report = ReportSettings(args.report_top, args.report_seeds, args.poll_interval) if args.report else None
+        if not args.report and (args.report_graphs or args.report_vs):
+            raise ValueError("--report-graphs and --report-vs shape the final report: they need --report")
+        report = ReportSettings(args.report_top, args.report_seeds, args.poll_interval,
+                                graphs=_named_files(args.report_graphs or []),
+                                vs=None if args.report_vs is None else tuple(
+                                    v.strip() for v in args.report_vs.split(",") if v.strip())
+                                ) if args.report else None
         candidates = [c.strip() for c in args.candidates.split(",") if c.strip()]
         if args.feature_weight is not None and not args.feature_edges:
             raise ValueError("--feature-weight weighs the feature edges: it needs --feature-edges")
@@ -238,6 +251,18 @@ def _search(args: argparse.Namespace, worker) -> int:
         print(summary)
         print(f"outputs in {output}: best_graph.json, trials.csv, asha.png, top_graphs/, search_summary.json")
     return code
+
+
+def _named_files(values: list[str]) -> tuple[tuple[str, str], ...]:
+    """``NAME=FILE[,NAME=FILE]`` flags as ``((name, file), ...)``."""
+    out = []
+    for value in values:
+        for item in filter(None, (v.strip() for v in value.split(","))):
+            name, sep, path = item.partition("=")
+            if not sep or not name.strip() or not path.strip():
+                raise ValueError(f"--report-graphs takes NAME=FILE, got {item!r}")
+            out.append((name.strip(), path.strip()))
+    return tuple(out)
 
 
 def _raise_interrupt(signum, frame):

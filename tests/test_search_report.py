@@ -112,7 +112,7 @@ def test_rows_are_the_baselines_and_the_top_graphs_over_seeds(study, trainer, tm
             assert (tmp_path / run / "graph.json").is_file()
     md = (tmp_path / "report.md").read_text()
     for r in rows:
-        assert f"| {r['role']} |" in md and f"{r['mean']:.2f} ± {r['std']:.2f}" in md
+        assert f"| {r['name']} |" in md and f"{r['mean']:.2f} ± {r['std']:.2f}" in md
     assert (tmp_path / "report.png").stat().st_size > 0
     assert sum("training" in line for line in lines) == 6
 

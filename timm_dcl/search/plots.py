@@ -77,14 +77,22 @@ def gate_marks(gates: str | Sequence[Sequence[str]]) -> str:
     return "|".join("".join(_GATE_MARKS.get(g, "?") for g in row) for row in rows)
 
 
-def plot_report(rows: Sequence[dict], path: Path, *, title: Optional[str] = None) -> None:
-    """One line per graph: every seed's node-0 test top-1 as a dot, the mean ± std as a bar."""
+_VERDICT_COLORS = {"better": "#2a8c3a", "worse": "#c0392b", "tie": "#8c8c8c", None: "#8c8c8c"}
+
+
+def plot_report(rows: Sequence[dict], path: Path, *, title: Optional[str] = None, vs: Sequence[str] = ()) -> None:
+    """One line per graph: every seed's node-0 test top-1 as a dot, the mean ± std as a bar; then,
+    for each compared row (``vs``, at most 4 drawn), every row's paired difference from it with
+    its 95 % interval (green: better, red: worse, grey: tie or no interval)."""
     import matplotlib
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(9, 1.6 + 0.5 * max(1, len(rows))))
-    ax = fig.add_subplot()
+    drawn = list(vs)[:4]
+    fig = Figure(figsize=(9 + 3.2 * len(drawn), 1.6 + 0.5 * max(1, len(rows))))
+    axes = fig.subplots(1, 1 + len(drawn), sharey=True, squeeze=False,
+                        gridspec_kw={"width_ratios": [9] + [3.2] * len(drawn)})[0]
+    ax = axes[0]
     labels = []
     show_models = len({row["models"] for row in rows}) > 1
     for y, row in enumerate(rows):
@@ -94,11 +102,11 @@ def plot_report(rows: Sequence[dict], path: Path, *, title: Optional[str] = None
         if seeds:
             ax.errorbar([row["mean"]], [y], xerr=[row["std"] or 0.0], fmt="|", ms=14, color="black", capsize=4,
                         zorder=4)
-        rank = f" #{row['rank']}" if row.get("rank") else ""
+        rank = f" #{row['rank']}" if row.get("rank") and row["role"] != "searched" else ""
         gates = gate_marks(row["gates"])
         if row.get("feature_gates"):
             gates += f" AT {gate_marks(row['feature_gates'])}"
-        labels.append(f"{row['role']}{rank}  {gates}" + (f"  {row['models']}" if show_models else ""))
+        labels.append(f"{row.get('name') or row['role']}{rank}  {gates}" + (f"  {row['models']}" if show_models else ""))
     ax.set_yticks(range(len(rows)), labels, fontsize=8, fontfamily="monospace")
     ax.set_ylim(len(rows) - 0.5, -0.5)
     ax.set_xlabel("node 0 top-1 (%): dots = seeds, bar = mean ± std\n"
@@ -106,5 +114,21 @@ def plot_report(rows: Sequence[dict], path: Path, *, title: Optional[str] = None
                   + ": T through, - cutoff, L linear, C correct", fontsize=8)
     ax.set_title(title or "final report", fontsize=10)
     ax.grid(axis="x", alpha=0.3)
+    for ax_vs, base in zip(axes[1:], drawn):
+        ax_vs.axvline(0.0, color="black", lw=0.8)
+        for y, row in enumerate(rows):
+            entry = (row.get("vs") or {}).get(base)
+            if entry is None or entry["diff"] is None:
+                continue
+            color = _VERDICT_COLORS[entry.get("verdict")]
+            if entry["ci"] is not None:
+                lo, hi = entry["ci"]
+                ax_vs.errorbar([entry["diff"]], [y], xerr=[[entry["diff"] - lo], [hi - entry["diff"]]], fmt="o",
+                               ms=5, color=color, capsize=3)
+            else:
+                ax_vs.scatter([entry["diff"]], [y], s=22, color=color, marker="x")
+        ax_vs.set_title(f"− {base}", fontsize=9)
+        ax_vs.set_xlabel("paired difference (points),\nmean and 95 % interval", fontsize=8)
+        ax_vs.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     _save(fig, Path(path))

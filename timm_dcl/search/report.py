@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
+import re
 import statistics
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -28,8 +31,10 @@ from typing import Any, Callable, Iterator, Optional
 import optuna
 
 from ..config import RECIPE_FIELDS
+from ..graph import Graph
 from .plots import plot_report
 from .space import CanonicalGraph, SearchSpace
+from .stats import paired_difference, verdict
 from .summary import atomic_write_text, top_trials
 
 __all__ = ["ReportSettings", "ReportGraph", "report_graphs", "run_report"]
@@ -38,31 +43,86 @@ __all__ = ["ReportSettings", "ReportGraph", "report_graphs", "run_report"]
 RECIPE_KEYS = ("dataset", "eval_subset", "eval_split") + RECIPE_FIELDS
 
 
+_ROLE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
+
+
 @dataclass(frozen=True)
 class ReportSettings:
     top: int = 3  # searched graphs, best validation score first
     seeds: int = 3  # runs per graph
     poll_interval: float = 5.0  # how often a worker checks the runs other workers hold
+    # more graphs to report, (role, graph JSON file): trained as their files say (models, gates,
+    # temperature, checkpoints, node lr) under the study's recipe, over the same seeds
+    graphs: tuple[tuple[str, str], ...] = ()
+    # the rows every row is compared with (paired by seed); None: every row that is not searched
+    vs: Optional[tuple[str, ...]] = None
 
     def __post_init__(self) -> None:
         for name, low in (("top", 0), ("seeds", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"--report-{name} must be an integer ≥ {low}, got {value!r}")
+        roles = [role for role, _ in self.graphs]
+        for role in roles:
+            if not _ROLE.fullmatch(role) or role == "searched":
+                raise ValueError(f"--report-graphs: {role!r} is not a usable name (letters, digits, _ . + -; "
+                                 "not 'searched')")
+        if len(set(roles)) < len(roles):
+            raise ValueError(f"--report-graphs: a name is given twice ({', '.join(sorted(roles))})")
+        if self.vs is not None and not self.vs:
+            raise ValueError("--report-vs names no row")
 
 
 @dataclass
 class ReportGraph:
-    role: str  # "searched" or the baseline's name
-    canon: CanonicalGraph
+    role: str  # "searched", the baseline's name, or an extra graph's name
+    canon: Optional[CanonicalGraph] = None  # a graph of the search space
     rank: Optional[int] = None  # its rank among the searched graphs
     trial: Optional[int] = None
     val_top1: Optional[float] = None  # the search's score (validation split)
+    graph: Optional[Graph] = None  # an extra graph (--report-graphs), trained as its file says
+    name: str = ""  # its name in the table and in "vs": the role, made unique where roles repeat
+
+    @property
+    def id(self) -> str:
+        if self.canon is not None:
+            return self.canon.id
+        # a changed file is another graph: its runs go elsewhere rather than being mixed in
+        digest = hashlib.sha1(json.dumps(self.graph.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
+        return f"{self.role}-{digest}"
+
+    @property
+    def models_text(self) -> str:
+        if self.canon is not None:
+            return self.canon.models_text
+        return ",".join(f"ensemble:{'+'.join(map(str, n.members))}" if n.is_ensemble and n.members else n.model
+                        for n in self.graph.nodes)
+
+    @property
+    def gates_text(self) -> str:
+        if self.canon is not None:
+            return self.canon.gates_text
+        return ";".join(",".join(row) for row in self.graph.gates)
+
+    @property
+    def feature_gates_text(self) -> Optional[str]:
+        if self.canon is not None:
+            return self.canon.feature_gates_text if self.canon.feature_gates else None
+        if not self.graph.has_feature_edges:
+            return None
+        return ";".join(",".join(row) for row in self.graph.feature_gates)
+
+    def build(self, space: SearchSpace) -> Graph:
+        return space.build_canonical(self.canon) if self.canon is not None else self.graph
+
+    def temperature(self, space: SearchSpace) -> float:
+        return space.temperature if self.canon is not None else self.graph.temperature
 
 
-def report_graphs(study: optuna.Study, space: SearchSpace, top: int, *, baselines: bool = True) -> list[ReportGraph]:
-    """The baselines, then the top ``top`` searched graphs; a searched graph equal to a baseline is
-    listed once, as the baseline, with its rank."""
+def report_graphs(study: optuna.Study, space: SearchSpace, top: int, *, baselines: bool = True,
+                  extra: tuple[tuple[str, str], ...] = ()) -> list[ReportGraph]:
+    """The baselines, the extra graphs (``(name, graph JSON file)``), then the top ``top`` searched
+    graphs; a searched graph equal to a baseline is listed once, as the baseline, with its rank."""
     rows: list[ReportGraph] = []
     by_key: dict[str, ReportGraph] = {}
     if baselines:
@@ -79,11 +139,29 @@ def report_graphs(study: optuna.Study, space: SearchSpace, top: int, *, baseline
             rows.append(row)
             by_key[canon.key] = row
         row.rank, row.trial, row.val_top1 = rank, t.number, float(value)
+    taken = {row.role for row in rows}
+    extras = []
+    for role, path in extra:
+        if role in taken:
+            raise ValueError(f"--report-graphs: {role!r} is already a row of this report (a baseline's name)")
+        try:
+            graph = Graph.load(path)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"--report-graphs {role}={path}: no such file") from None
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"--report-graphs {role}={path}: {' '.join(str(e).split())}") from None
+        extras.append(ReportGraph(role, graph=graph))
+    searched = [r for r in rows if r.role == "searched"]
+    rows = [r for r in rows if r.role != "searched"] + extras + searched
+    counts = Counter(r.role for r in rows)
+    for r in rows:
+        r.name = (f"searched #{r.rank}" if r.role == "searched" else
+                  r.role if counts[r.role] == 1 else f"{r.role} {r.models_text}")
     return rows
 
 
 def _run_dir(output: Path, g: ReportGraph, seed_index: int) -> Path:
-    return output / "report" / g.canon.id / f"seed{seed_index}"
+    return output / "report" / g.id / f"seed{seed_index}"
 
 
 def _diverged_marker(run: Path) -> Path:
@@ -157,10 +235,11 @@ def run_report(study: optuna.Study, space: SearchSpace, cfg, output: str | os.Pa
     from ..trainer import train_graph
 
     out = Path(output)
-    graphs = report_graphs(study, space, settings.top, baselines=baselines)
+    graphs = report_graphs(study, space, settings.top, baselines=baselines, extra=settings.graphs)
     if not graphs:
         raise ValueError(f"study {study.study_name!r} has no finished trial and --no-baselines is set: "
                          "nothing to report")
+    vs = _comparisons(graphs, settings.vs)  # checked before anything trains
     run_cfg = dataclasses.replace(cfg, val_size=0, eval_split="test", output=None, resume=None, progress_bar=False)
     runs = [(g, k) for g in graphs for k in range(settings.seeds)]
     data, trained = None, 0
@@ -180,10 +259,10 @@ def run_report(study: optuna.Study, space: SearchSpace, cfg, output: str | os.Pa
                 if data is None:
                     data = load_data()
                 resume = (run / "checkpoints" / "last.pth").is_file()
-                graph = space.build_canonical(g.canon)
-                features = f" features [{g.canon.feature_gates_text}]" if g.canon.feature_gates else ""
-                say(f"report: {'resuming' if resume else 'training'} {g.role} {g.canon.models_text} "
-                    f"[{g.canon.gates_text}]{features} seed {k} → {run}")
+                graph = g.build(space)
+                features = f" features [{g.feature_gates_text}]" if g.feature_gates_text else ""
+                say(f"report: {'resuming' if resume else 'training'} {g.name} {g.models_text} "
+                    f"[{g.gates_text}]{features} seed {k} → {run}")
                 start = time.perf_counter()
                 try:
                     with open(run.with_name(f"seed{k}.log"), "a", buffering=1) as log, \
@@ -192,9 +271,9 @@ def run_report(study: optuna.Study, space: SearchSpace, cfg, output: str | os.Pa
                                     data=data)
                 except FloatingPointError as e:
                     atomic_write_text(_diverged_marker(run), f"{e}\n")
-                    say(f"report: {g.canon.id}/seed{k} diverged: {e}")
+                    say(f"report: {g.id}/seed{k} diverged: {e}")
                 trained += 1
-                say(f"report: {g.canon.id}/seed{k} done in {time.perf_counter() - start:.0f}s")
+                say(f"report: {g.id}/seed{k} done in {time.perf_counter() - start:.0f}s")
         if not held_elsewhere:
             break
         say(f"report: waiting for {held_elsewhere} run(s) that other workers are training")
@@ -211,24 +290,57 @@ def run_report(study: optuna.Study, space: SearchSpace, cfg, output: str | os.Pa
         finished = [v for v in top1 if v is not None]
         mean, std = _mean_std(finished)
         ens_mean, ens_std = _mean_std([v for v in ens if v is not None])
-        rows.append({"role": g.role, "rank": g.rank, "trial": g.trial, "val_top1": g.val_top1,
-                     "models": g.canon.models_text, "gates": g.canon.gates_text,
+        rows.append({"role": g.role, "name": g.name, "rank": g.rank, "trial": g.trial, "val_top1": g.val_top1,
+                     "models": g.models_text, "gates": g.gates_text, "temperature": g.temperature(space),
                      # only with an open feature edge: a logit-only study's report.json is as before
-                     **({"feature_gates": g.canon.feature_gates_text} if g.canon.feature_gates else {}),
-                     "graph_id": g.canon.id,
+                     **({"feature_gates": g.feature_gates_text} if g.feature_gates_text else {}),
+                     **({"graph_file": str(dict(settings.graphs)[g.role])} if g.graph is not None else {}),
+                     "graph_id": g.id,
                      "seeds": [cfg.seed + k for k in range(settings.seeds)], "top1": top1, "mean": mean, "std": std,
                      "n": len(finished), "diverged": len(top1) - len(finished),
                      "ensemble_top1": ens, "ensemble_mean": ens_mean, "ensemble_std": ens_std,
                      "runs": [str(_run_dir(out, g, k).relative_to(out)) for k in range(settings.seeds)]})
+    by_name = {r["name"]: r for r in rows}
+    for r in rows:
+        # paired by seed index: seed k of both rows saw the same data from the same node-0 start
+        r["vs"] = {b: {**paired_difference(r["top1"], by_name[b]["top1"]),
+                       "verdict": None} for b in vs if b != r["name"]}
+        for entry in r["vs"].values():
+            entry["verdict"] = verdict(entry)
     report = {"study": study.study_name, "epochs": cfg.epochs, "split": "test", "epoch": "last",
-              "seeds": settings.seeds, "top": settings.top, "trained": trained, "rows": rows}
+              "seeds": settings.seeds, "top": settings.top, "trained": trained, "vs": vs, "rows": rows}
     if write:
         atomic_write_text(out / "report.json", json.dumps(rows, indent=2) + "\n")
         atomic_write_text(out / "report.md", _markdown(report, space, cfg))
-        plot_report(rows, out / "report.png",
+        plot_report(rows, out / "report.png", vs=vs,
                     title=f"{study.study_name}: node 0 ({space.target_model}) on the test split, last epoch "
                           f"({cfg.epochs}), {settings.seeds} seed(s)")
     return report
+
+
+def _comparisons(graphs: list[ReportGraph], wanted: Optional[tuple[str, ...]]) -> list[str]:
+    """The names of the rows every row is compared with: ``wanted`` (checked), else every row that
+    is not a searched graph."""
+    names = [g.name for g in graphs]
+    if wanted is None:
+        return [g.name for g in graphs if g.role != "searched"]
+    unknown = [w for w in wanted if w not in names]
+    if unknown:
+        raise ValueError(f"--report-vs: no row named {', '.join(map(repr, unknown))}; the rows are "
+                         f"{', '.join(map(repr, names))}")
+    return list(dict.fromkeys(wanted))
+
+
+def _fmt_vs(entry: Optional[dict]) -> str:
+    """``+1.32 [+0.41, +2.23] better``; without an interval ``+1.32 (n = 1)``."""
+    if entry is None:
+        return "—"
+    if entry["diff"] is None:
+        return "-"
+    if entry["ci"] is None:
+        return f"{entry['diff']:+.2f} (n = {entry['n']})"
+    lo, hi = entry["ci"]
+    return f"{entry['diff']:+.2f} [{lo:+.2f}, {hi:+.2f}] {entry['verdict']}"
 
 
 def _fmt(mean: Optional[float], std: Optional[float]) -> str:
@@ -240,20 +352,26 @@ def _markdown(report: dict, space: SearchSpace, cfg) -> str:
     test = f"{cfg.eval_subset} images of " if cfg.eval_subset else ""
     features = any("feature_gates" in r for r in report["rows"])
     target = "the ensemble of nodes 1…M−1" if space.ensemble_target else space.target_model
+    vs = report["vs"]
     lines = [f"# Final report: study `{report['study']}`", "",
              f"Node 0 ({target}) top-1 (%) on {test}the {cfg.dataset} test split at the last epoch "
              f"({cfg.epochs}) of training on {subset}the whole training split (validation images included), "
              f"mean ± sample std over n seeds; the ensemble averages every node's softmax. Searched graphs are the "
              f"best by the search's validation score (rank); a searched graph equal to a baseline is listed once, "
              "as the baseline. Gates: row t lists the edges into node t, sources in node order, diagonal = labels."
-             + (" Feature gates: the attention-transfer edges, in the same form (- : none)." if features else ""),
-             "", "| graph | rank | models | gates | " + ("feature gates | " if features else "")
-             + "node 0 top-1 | n | ensemble top-1 | per seed |",
-             "|---|---|---|---|---|---|---|---|" + ("---|" if features else "")]
+             + (" Feature gates: the attention-transfer edges, in the same form (- : none)." if features else "")
+             + (" Columns `vs X`: the row's top-1 minus X's, paired by seed (seed k of both saw the same data from "
+                "the same node-0 weights), mean [95 % Student-t interval] over the seeds both have, and the "
+                "verdict: better or worse when the interval excludes 0, tie when it contains it." if vs else ""),
+             "", "| graph | rank | models | gates | T | " + ("feature gates | " if features else "")
+             + "node 0 top-1 | n | " + "".join(f"vs {b} | " for b in vs) + "ensemble top-1 | per seed |",
+             "|---|---|---|---|---|---|---|---|---|" + ("---|" if features else "") + "---|" * len(vs)]
     for r in report["rows"]:
         seeds = ", ".join("diverged" if v is None else f"{v:.2f}" for v in r["top1"])
         rank = f"#{r['rank']} (val {r['val_top1']:.2f})" if r["rank"] else ""
         fg = (f"`{r['feature_gates']}` | " if "feature_gates" in r else "- | ") if features else ""
-        lines.append(f"| {r['role']} | {rank} | {r['models']} | `{r['gates']}` | {fg}{_fmt(r['mean'], r['std'])} | "
-                     f"{r['n']} | {_fmt(r['ensemble_mean'], r['ensemble_std'])} | {seeds} |")
+        cols = "".join(f"{_fmt_vs(r['vs'].get(b))} | " for b in vs)
+        lines.append(f"| {r['name']} | {rank} | {r['models']} | `{r['gates']}` | {r['temperature']:g} | {fg}"
+                     f"{_fmt(r['mean'], r['std'])} | {r['n']} | {cols}"
+                     f"{_fmt(r['ensemble_mean'], r['ensemble_std'])} | {seeds} |")
     return "\n".join(lines) + "\n"
