@@ -164,7 +164,9 @@ def _search(args: argparse.Namespace, worker) -> int:
         study_name = args.study_name or f"ktg-{args.dataset}-{args.num_nodes}nodes{mode}"
         storage = open_storage(args.storage, output / "study.journal", heartbeat_interval=args.heartbeat_interval,
                                grace_period=args.grace_period)
-        if report is not None and study_name not in optuna.study.get_all_study_names(storage):
+        # A report of baselines and extra graphs alone (--report-top 0) reads no trial: it may come
+        # before the search (a pilot), and then opens the study the search will use.
+        if report is not None and report.top > 0 and study_name not in optuna.study.get_all_study_names(storage):
             raise ValueError(f"--report: the storage holds no study {study_name!r}; run the search first "
                              "(or give its --storage and --study-name)")
         study = open_study(storage, study_name,

@@ -173,7 +173,11 @@ run_on_device() {
   fi
   step "CUDA kernels load" 120 "$PY" -c "import torch, timm_dcl; k = timm_dcl.kernels_available(); \
 print(k); assert torch.cuda.is_available() and 'cuda' in k, k" || { write_report; return 1; }
-  step "tests (test_ktg_loss*.py)" "${GPU_CHECK_TESTS_S:-120}" "$PY" -m pytest -q -p no:cacheprovider \
+  # Under pytest-xdist (where the device has it) a test that crashes the process fails alone
+  # instead of ending the run: the first lent GPU lost every later test to one segfault.
+  local xdist=()
+  "$PY" -c "import xdist" 2>/dev/null && xdist=(-n 4)
+  step "tests (test_ktg_loss*.py)" "${GPU_CHECK_TESTS_S:-120}" "$PY" -m pytest -q -p no:cacheprovider "${xdist[@]}" \
     tests/test_ktg_loss.py tests/test_ktg_loss_host.py tests/test_ktg_loss_compile.py tests/test_ktg_loss_cuda.py \
     --junitxml="$OUTDIR/tests.xml"
   step "bench_loss.py --device cuda --quick" "${GPU_CHECK_LOSS_S:-110}" \
