@@ -24,7 +24,9 @@
 # Environment: PYTHON (default python3), EVIDENCE_DATA (the CIFAR-10 parquet folder, default
 # ../shared/data/cifar10), EVIDENCE_SUBSET, EVIDENCE_EPOCHS, EVIDENCE_TRIALS (search trials, 10),
 # EVIDENCE_MAX_SEEDS (6), EVIDENCE_BUDGET_MIN (the minutes parts 3–5 may take, 240), EVIDENCE_FLAGS
-# (more flags for every run, e.g. "--eval-subset 500" for a quick smoke run of the script itself).
+# (more flags for every run, e.g. "--eval-subset 500" for a quick smoke run of the script itself),
+# EVIDENCE_WORKERS (2: the search and the reports run as that many single-threaded workers sharing
+# the study and the runs' lock files, as `accelerate launch --num_processes N` would start them).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -49,6 +51,22 @@ G="$OUT/graphs"
 T_RUN="$OUT/pretrained/cifar10/$TEACHER"
 TIMINGS="$OUT/timings.tsv"
 [ -f "$TIMINGS" ] || printf 'part\tseconds\tfinished\n' >"$TIMINGS"
+
+WORKERS="${EVIDENCE_WORKERS:-2}"
+
+workers() {  # workers COMMAND...: WORKERS copies of a search_dcl.py command, as one launch's ranks
+  local pids=() k status=0
+  for ((k = 0; k < WORKERS; k++)); do
+    if [ "$WORKERS" -gt 1 ]; then
+      WORLD_SIZE=$WORKERS RANK=$k LOCAL_RANK=$k LOCAL_WORLD_SIZE=$WORKERS ACCELERATE_USE_CPU=1 "$@" &
+    else
+      "$@" &
+    fi
+    pids+=($!)
+  done
+  for k in "${pids[@]}"; do wait "$k" || status=$?; done
+  return "$status"
+}
 
 part() {  # part NAME COMMAND...: run it and record its wall time
   local name="$1" t0=$SECONDS
@@ -104,7 +122,7 @@ SEARCH=(--num-nodes 3 --target-model "$STUDENT" --candidates "$STUDENT,$TEACHER"
 # 3. The pilot: two graphs over 3 seeds, then the number of seeds.
 EXTRA_PILOT="alone=$G/alone.json,kd-t2=$G/kd-t2.json"
 if [ ! -f "$OUT/pilot.json" ]; then
-  part pilot "$PY" search_dcl.py "${SEARCH[@]}" --report --report-top 0 --report-seeds 3 \
+  part pilot workers "$PY" search_dcl.py "${SEARCH[@]}" --report --report-top 0 --report-seeds 3 \
     --report-graphs "$EXTRA_PILOT" --report-vs alone
   cp "$OUT/search/report.json" "$OUT/pilot_report.json"
   "$PY" - "$OUT" "$MAX_SEEDS" "$BUDGET_MIN" "$TIMINGS" "$TRIALS" "$EPOCHS" <<'EOF'
@@ -157,14 +175,14 @@ fi
 
 # 4. The short search (resumes where it stopped; a finished study trains nothing more).
 if [ ! -f "$OUT/search/best_graph.json" ] || [ ! -f "$OUT/search.done" ]; then
-  part search "$PY" search_dcl.py "${SEARCH[@]}" --n-trials "$TRIALS"
+  part search workers "$PY" search_dcl.py "${SEARCH[@]}" --n-trials "$TRIALS"
   touch "$OUT/search.done"
 fi
 
 # 5. Every graph over the chosen seeds (the pilot's runs are reused, not retrained).
 SEEDS=$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['seeds'])" "$OUT/pilot.json")
 EXTRA="$EXTRA_PILOT,kd-t4=$G/kd-t4.json,dml=$G/dml.json,dml-teacher=$G/dml-teacher.json,ensemble=$G/ensemble.json"
-part "report ($SEEDS seeds)" "$PY" search_dcl.py "${SEARCH[@]}" --report --report-top 1 --report-seeds "$SEEDS" \
+part "report ($SEEDS seeds)" workers "$PY" search_dcl.py "${SEARCH[@]}" --report --report-top 1 --report-seeds "$SEEDS" \
   --report-graphs "$EXTRA" --report-vs alone,kd-t2,dml
 {
   cat "$OUT/search/report.md"
