@@ -207,10 +207,12 @@ def _rotate(path: Path) -> None:
     os.replace(path, prev)
     if sums.is_file():
         # the same digest, under the name the file has now (what `sha256sum -c` opens)
-        digest = sums.read_text().split()[0]
         tmp = prev.with_name(f".{prev.name}.sha256.tmp{os.getpid()}")
-        tmp.write_text(f"{digest}  {prev.name}\n")
-        os.replace(tmp, checksum_path(prev))
+        try:
+            tmp.write_text(f"{sums.read_text().split()[0]}  {prev.name}\n")
+            os.replace(tmp, checksum_path(prev))
+        except OSError:  # no room even for this: the previous copy stays, unverified (its load tells)
+            _unlink(tmp)
         _unlink(sums)
 
 
