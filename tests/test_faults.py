@@ -385,10 +385,99 @@ def _torn_warning(err: str, journal: Path) -> str:
     warnings = [line for line in err.splitlines() if "warning" in line]
     assert len(warnings) == 1, err
     line = warnings[0]
-    assert line.startswith(f"search_dcl.py: warning: {journal}: its last record is torn (") and "(the journal as it was: " in line
+    assert line.startswith(f"search_dcl.py: warning: {journal}: ") and "its last record is torn (" in line
+    assert "(the journal as it was: " in line
     backup = journal.with_name(line.rsplit("(the journal as it was: ", 1)[1].rstrip(")"))
     assert backup.is_file()
     return line
+
+
+def _quick_study(path: Path, n: int = 3) -> optuna.Study:
+    """A study of ``n`` finished trials in the journal at ``path``, through the search's storage."""
+    from timm_dcl.search import open_storage, open_study
+
+    study = open_study(open_storage(None, path), "s", {})
+    study.optimize(lambda t: t.suggest_float("a", 0, 1), n_trials=n)
+    return study
+
+
+def _values(path: Path) -> dict:
+    study = optuna.load_study(study_name="s", storage=JournalStorage(JournalFileBackend(str(path))))
+    return {t.number: (t.state, t.value) for t in study.get_trials()}
+
+
+@pytest.fixture
+def search_program(monkeypatch):
+    """Warnings are search_dcl.py's, as when search_dcl.py runs (these tests call the library)."""
+    monkeypatch.setattr(safe_io, "_program", "search_dcl.py")
+
+
+def test_a_torn_tail_left_by_another_writer_is_cut_before_the_next_append(tmp_path, capsys, search_program):
+    """A live worker's next record does not fuse with the torn one a killed worker left."""
+    journal = tmp_path / "s.journal"
+    study = _quick_study(journal)
+    before = _values(journal)
+    with open(journal, "ab") as f:
+        f.write(b'{"op_code":6,"worker_id":"dead","trial_id":9,"sta')
+    capsys.readouterr()
+    study.optimize(lambda t: t.suggest_float("a", 0, 1), n_trials=2)  # the same storage, open all along
+    line = one_line(capsys.readouterr().err, "warning", "search_dcl.py")
+    assert f"{journal}: its last record is torn (" in line and "record of trial id 9" in line
+    after = _values(journal)  # plain Optuna loads it: no fused line
+    assert len(after) == 5 and {n: after[n] for n in before} == before
+
+
+def test_a_record_whole_but_for_its_newline_is_kept(tmp_path, capsys):
+    journal = tmp_path / "s.journal"
+    _quick_study(journal, 2)
+    data = journal.read_bytes()
+    journal.write_bytes(data[:-1])  # the last trial's end, written but for its newline
+    capsys.readouterr()
+    from timm_dcl.search import open_storage
+    open_storage(None, journal)
+    assert capsys.readouterr().err == "" and journal.read_bytes() == data
+    assert [state for state, _ in _values(journal).values()] == [TrialState.COMPLETE] * 2
+
+
+def test_a_torn_record_fused_with_a_whole_one_is_cut_back(tmp_path, capsys):
+    """A journal an older writer broke: a torn record with the next whole one appended after it."""
+    from timm_dcl.search import StorageError, open_storage
+
+    journal = tmp_path / "s.journal"
+    _quick_study(journal)
+    before = _values(journal)
+    lines = journal.read_bytes().splitlines(keepends=True)
+    journal.write_bytes(b"".join(lines[:3]) + b'{"op_code":5,"worker_id":"dead","tri' + b"".join(lines[3:]))
+    capsys.readouterr()
+    open_storage(None, journal)
+    line = capsys.readouterr().err.strip()
+    assert len(line.splitlines()) == 1 and "line(s) 4 held a torn record before a whole one" in line
+    assert _values(journal) == before
+    # a line that holds no record at all cannot be guessed: one error, the journal untouched
+    damaged = b"".join(lines[:3]) + b"garbage\n" + b"".join(lines[3:])
+    journal.write_bytes(damaged)
+    with pytest.raises(StorageError, match=r"s\.journal: line 4 is damaged and holds no whole record"):
+        open_storage(None, journal)
+    assert journal.read_bytes() == damaged
+
+
+def test_the_lock_a_killed_writer_left_is_released_at_once(tmp_path, capsys):
+    from timm_dcl.search import open_storage
+
+    journal = tmp_path / "s.journal"
+    _quick_study(journal, 1)
+    lock = tmp_path / "s.journal.lock"
+    os.symlink(journal, lock)  # a live writer's: younger than the grace period, left alone
+    from timm_dcl.search.journal import release_stale_lock
+    assert release_stale_lock(lock, 30) is None and os.path.lexists(lock)
+    os.utime(lock, (time.time() - 120,) * 2, follow_symlinks=False)  # its writer was killed two minutes ago
+    capsys.readouterr()
+    start = time.perf_counter()
+    open_storage(None, journal)
+    assert time.perf_counter() - start < 10  # Optuna alone watches it 30 s more
+    line = capsys.readouterr().err.strip()
+    assert len(line.splitlines()) == 1 and "released the lock a writer killed 120 s ago left (s.journal.lock)" in line
+    assert not os.path.lexists(lock)
 
 
 def test_a_torn_last_journal_record(tmp_path, cifar10, capsys):
@@ -399,17 +488,20 @@ def test_a_torn_last_journal_record(tmp_path, cifar10, capsys):
     data = journal.read_bytes()
     start = data.rstrip(b"\n").rfind(b"\n") + 1
     record = json.loads(data[start:])
-    journal.write_bytes(data[: start + (len(data) - start) // 2])  # the last record, half written
-    torn = record.get("trial_id")
+    assert record["op_code"] == 6  # a finished search ends with its last trial's end (state and value)
+    torn = record["trial_id"]  # one study in the journal: trial ids are trial numbers
+    assert torn in before
+    journal.write_bytes(data[: data.index(b'"state"', start)])  # written up to its trial id, no further
     capsys.readouterr()
     assert search_dcl.main(search_args(cifar10, out, "--n-trials", "2")) == 0
     line = _torn_warning(capsys.readouterr().err, journal)
-    assert torn is None or f"record of trial id {torn}" in line
-    after = finished(load(out))
-    assert len(after) == 2
-    # no finished trial lost; the one whose last record was torn (if it was its end) is run again
-    assert {n: v for n, v in after.items() if n in before} == {n: v for n, v in before.items() if n != torn or n in after}
-    assert set(before) - set(after) <= {torn}
+    assert f"record of trial id {torn}" in line
+    study = load(out)
+    # the trial whose end was torn is failed (its heartbeat stopped) and its slot run again; the rest is kept
+    assert study.trials[torn].state == TrialState.FAIL
+    after = finished(study)
+    assert len(after) == 2 and {n: after[n] for n in before if n != torn} == {n: v for n, v in before.items()
+                                                                            if n != torn}
 
 
 def test_a_worker_killed_mid_write(tmp_path, cifar10, capsys):
@@ -440,14 +532,23 @@ def test_a_worker_killed_mid_write(tmp_path, cifar10, capsys):
         victim.kill()
         victim.wait()
     before = finished(load(out))
-    record = {"op_code": 6, "worker_id": "killed", "trial_id": running._trial_id, "state": 1, "values": [55.0],
-              "datetime_complete": "2026-01-01T00:00:00"}
-    with open(journal, "ab") as f:  # the kill landed mid-append
-        f.write(json.dumps(record, separators=(",", ":")).encode()[:40])
+    record = json.dumps({"op_code": 6, "worker_id": "killed", "trial_id": running._trial_id, "state": 1,
+                         "values": [55.0]}, separators=(",", ":")).encode()
+    with open(journal, "ab") as f:  # the kill landed mid-append: the record written up to its trial id
+        f.write(record[: record.index(b'"state"')])
+    # mid-append it held the journal's lock: the next worker starts a minute later
+    lock = journal.with_name(journal.name + ".lock")
+    if not os.path.lexists(lock):
+        os.symlink(journal, lock)
+    os.utime(lock, (time.time() - 60,) * 2, follow_symlinks=False)
     capsys.readouterr()
+    start = time.perf_counter()
     assert search_dcl.main(args) == 0
     line = _torn_warning(capsys.readouterr().err, journal)
     assert f"record of trial id {running._trial_id}" in line
+    assert f"released the lock a writer killed 60 s ago left ({lock.name})" in line
+    assert not os.path.lexists(lock)
+    assert time.perf_counter() - start < 30  # not Optuna's 30 s watch of a dead writer's lock
     study = load(out)
     assert study.trials[running.number].state == TrialState.FAIL
     after = finished(study)
@@ -458,14 +559,14 @@ def test_a_worker_killed_mid_write(tmp_path, cifar10, capsys):
 
 
 def test_a_report_run_with_a_damaged_checkpoint_resumes_from_the_previous_one(tmp_path, cifar10, capsys,
-                                                                              monkeypatch):
+                                                                              search_program):
     from timm_dcl.config import TrainConfig
     from timm_dcl.search import ReportSettings, SearchSpace, open_storage, open_study, run_report
     from timm_dcl.trainer import build_run_data, train_graph
 
     space = SearchSpace(2, "resnet20", ("resnet20",), "cifar10")
     study = open_study(open_storage(None, tmp_path / "study.journal"), "s", {})
-    params = space.baselines()[1].params  # DML, as a finished trial of the search
+    params = next(b.params for b in space.baselines() if b.name == "dml")  # as a finished trial of the search
     study.enqueue_trial(params)
     trial = study.ask()
     space.sample(trial)
@@ -473,8 +574,8 @@ def test_a_report_run_with_a_damaged_checkpoint_resumes_from_the_previous_one(tm
     study.tell(trial, 50.0)
     cfg = TrainConfig(dataset="cifar10", data_dir=cifar10, epochs=3, train_subset=64, eval_subset=32, batch_size=32,
                       workers=0, val_size=20, eval_split="val", seed=5, progress_bar=False)
-    report_cfg = dict(load_data=lambda: build_run_data(dataclasses_replace(cfg, val_size=0), space.input_model,
-                                                       val_size=0), baselines=False, say=lambda m: None)
+    report_cfg = dict(load_data=lambda: build_run_data(cfg, space.input_model, val_size=0), baselines=False,
+                      say=lambda m: None)
 
     # the same run, uninterrupted, for comparison
     graph = space.build_canonical(space.canonical(params))
@@ -488,18 +589,17 @@ def test_a_report_run_with_a_damaged_checkpoint_resumes_from_the_previous_one(tm
             raise KeyboardInterrupt("killed")
         return real_epoch(self, epoch)
 
-    monkeypatch.setattr(GraphTrainer, "_train_epoch", dies_in_epoch_3)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(KeyboardInterrupt):
+        mp.setattr(GraphTrainer, "_train_epoch", dies_in_epoch_3)
         run_report(study, space, cfg, tmp_path, ReportSettings(top=1, seeds=1), **report_cfg)
-    monkeypatch.undo()
     (run,) = (tmp_path / "report").glob("*/seed0")
     last = run / "checkpoints" / "last.pth"
     _truncate(last)
-    monkeypatch.setattr(safe_io, "_program", "search_dcl.py")
+    size = last.stat().st_size
     capsys.readouterr()
     report = run_report(study, space, cfg, tmp_path, ReportSettings(top=1, seeds=1), **report_cfg)
     assert one_line(capsys.readouterr().err, "warning", "search_dcl.py") == (
-        f"search_dcl.py: warning: {last} is damaged ({last.stat().st_size} bytes whose SHA-256 differs from the one "
+        f"search_dcl.py: warning: {last} is damaged ({size} bytes whose SHA-256 differs from the one "
         "last.pth.sha256 recorded); resuming from last.prev.pth at epoch 1")
     # nothing lost: the report's number is the uninterrupted run's
     assert report["rows"][0]["top1"] == [reference.history[-1]["top1"][0]]
