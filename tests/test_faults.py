@@ -27,7 +27,7 @@ from optuna.trial import TrialState
 import search_dcl
 import train_dcl
 from timm_dcl import run_files, safe_io
-from timm_dcl.run_state import load_run_checkpoint
+from timm_dcl.run_state import NoUsableCheckpointError, load_run_checkpoint
 from timm_dcl.safe_io import DamagedFileError, verify
 from timm_dcl.trainer import GraphTrainer
 
@@ -357,6 +357,39 @@ def test_a_small_full_file_system(straight, tmp_path, cifar10, capsys, monkeypat
         _resume_equals_straight(run, straight, capsys)
 
 
+def test_other_write_faults_are_one_line_too():
+    """A folder made read-only, or its permission taken, mid-run: the one line main() prints."""
+    from timm_dcl.safe_io import is_write_fault, write_fault_text
+
+    ro = OSError(errno.EROFS, os.strerror(errno.EROFS), "/runs/x/metrics.jsonl")
+    denied = PermissionError(errno.EACCES, os.strerror(errno.EACCES), "/runs/x/curves.png")
+    assert all(is_write_fault(e) for e in (ro, denied)) and not is_write_fault(OSError(errno.EIO, "I/O error"))
+    assert write_fault_text(ro) == "cannot write /runs/x/metrics.jsonl: the file system is read-only"
+    assert write_fault_text(denied) == "/runs/x/curves.png: permission denied"
+    assert write_fault_text(OSError(errno.ENOSPC, "No space left on device"), "/nonexistent/run").startswith(
+        "no space left on the device for /nonexistent/run: free space there")
+
+
+def test_a_full_disk_under_a_report_is_one_line(tmp_path, cifar10, capsys, monkeypatch):
+    import timm_dcl.search
+    from timm_dcl.safe_io import DiskFullError
+    from timm_dcl.search import open_storage
+
+    out = tmp_path / "out"
+    optuna.create_study(storage=open_storage(None, out / "study.journal"), study_name=STUDY, direction="maximize")
+    path = out / "report" / "g" / "seed0" / "checkpoints" / "last.pth"
+
+    def run_report(*args, **kwargs):
+        raise DiskFullError(path, 5_000_000)
+
+    monkeypatch.setattr(timm_dcl.search, "run_report", run_report)
+    capsys.readouterr()
+    assert search_dcl.main(search_args(cifar10, out, "--report")) == 2
+    line = one_line(capsys.readouterr().err, "error", "search_dcl.py")
+    assert line.startswith(f"search_dcl.py: error: no space left on the device for {path}: free")
+    assert line.endswith("; run the same command again once there is room: finished runs are kept")
+
+
 # ------------------------------------------------------------------------------------ the study
 
 
@@ -608,7 +641,7 @@ def test_a_report_run_with_a_damaged_checkpoint_resumes_from_the_previous_one(tm
     _truncate(run / "checkpoints" / "last.prev.pth")
     _truncate(last)
     (run / "metrics.jsonl").write_text("")  # unfinished, so that the report looks at it again
-    with pytest.raises(ValueError, match=rf"--resume {run}: no usable checkpoint: {last} is damaged"):
+    with pytest.raises(NoUsableCheckpointError, match=rf"--resume {run}: no usable checkpoint: {last} is damaged"):
         run_report(study, space, cfg, tmp_path, ReportSettings(top=1, seeds=1), **report_cfg)
 
 

@@ -20,7 +20,7 @@ from .graph import Graph
 from .recipe import GateClock, build_scheduler
 from .safe_io import DamagedFileError, load_torch, previous_path, save_torch, warn
 
-__all__ = ["RunState", "STATE_FORMAT", "load_run_checkpoint"]
+__all__ = ["RunState", "STATE_FORMAT", "load_run_checkpoint", "NoUsableCheckpointError"]
 
 STATE_FORMAT = "timm_dcl.train.v1"
 
@@ -33,6 +33,10 @@ def load_run_checkpoint(path: str | Path) -> dict:
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise DamagedFileError(path, "not a timm-dcl training checkpoint")
     return state
+
+
+class NoUsableCheckpointError(ValueError):
+    """``--resume`` of a run whose ``last.pth`` and ``last.prev.pth`` are both damaged or missing."""
 
 
 def _usable_checkpoint(run: Path) -> dict:
@@ -55,8 +59,8 @@ def _usable_checkpoint(run: Path) -> dict:
         if path == prev:
             warn(f"{problems[0]}; resuming from {prev.name} at epoch {state['epoch']}")
         return state
-    raise ValueError(f"--resume {run}: no usable checkpoint: {'; '.join(problems)}; start the run again "
-                     "with --output (or restore a copy of the run folder)")
+    raise NoUsableCheckpointError(f"--resume {run}: no usable checkpoint: {'; '.join(problems)}; start the run "
+                                  "again with --output (or restore a copy of the run folder)")
 
 
 class RunState:

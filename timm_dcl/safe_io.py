@@ -109,8 +109,9 @@ def write_fault_text(e: OSError, where: str | os.PathLike | None = None) -> str:
     path = e.filename or where
     if e.errno in NO_SPACE:
         return str(DiskFullError(path or ".", None))
-    reason = {errno.EROFS: "the file system is read-only"}.get(e.errno, e.strerror or str(e))
-    return f"cannot write {path}: {reason}" if path else f"cannot write: {reason}"
+    if e.errno == errno.EROFS:
+        return f"cannot write {path}: the file system is read-only"
+    return f"{path}: {(e.strerror or str(e)).lower()}"  # no permission: for a read as much as a write
 
 
 def checksum_path(path: str | os.PathLike) -> Path:
