@@ -194,6 +194,15 @@ def test_a_torn_metrics_line_is_dropped_by_the_resume(straight, tmp_path, capsys
     assert_same_as(run, straight)
 
 
+def test_a_damaged_run_config_is_one_error_line(straight, tmp_path, capsys):
+    run = _copy(straight, tmp_path)
+    (run / "config.yaml").write_text("node_models: [resnet20,\n")  # cut off mid-list
+    capsys.readouterr()
+    assert train_dcl.main(["--resume", str(run), "--epochs", "2", *TINY]) == 2
+    line = one_line(capsys.readouterr().err, "error")
+    assert line.startswith(f"train_dcl.py: error: --resume {run}: {run}/config.yaml is damaged (")
+
+
 # ---------------------------------------------------------------------------- output and disk
 
 
@@ -406,7 +415,8 @@ STUDY = "ktg-cifar10-2nodes"
 
 def load(output: Path) -> optuna.Study:
     """The study as plain Optuna reads it (fails on a journal a torn record broke)."""
-    return optuna.load_study(study_name=STUDY, storage=JournalStorage(JournalFileBackend(str(output / "study.journal"))))
+    storage = JournalStorage(JournalFileBackend(str(output / "study.journal")))
+    return optuna.load_study(study_name=STUDY, storage=storage)
 
 
 def finished(study: optuna.Study) -> dict:

@@ -1,8 +1,9 @@
 """Where a study lives: Optuna storages (an embedded journal file, or any RDB URL), the study.
 
 ``--storage`` is a journal file (default ``OUTPUT/study.journal``; local processes share it
-through Optuna's lock file; :mod:`.journal` cuts off a record torn by a killed writer) or a SQLAlchemy URL for :class:`optuna.storages.RDBStorage`
-(PostgreSQL or MySQL for several machines, SQLite).
+through Optuna's lock file; :mod:`.journal` cuts off a record torn by a killed writer) or a
+SQLAlchemy URL for :class:`optuna.storages.RDBStorage` (PostgreSQL or MySQL for several
+machines, SQLite).
 
 Dead workers. Every running trial proves its worker alive with a heartbeat; a trial whose
 heartbeat is older than the grace period is failed, so that another worker takes its slot.
