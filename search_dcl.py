@@ -102,8 +102,10 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help, or a bad flag (already printed): an exit status, as for every error
         return int(e.code or 0)
+    from timm_dcl.safe_io import set_program
     from timm_dcl.search import isolate_worker
 
+    set_program("search_dcl.py")  # the warnings of the journal and of the report's runs say who wrote them
     worker = isolate_worker()  # before anything touches CUDA
     # a terminated worker closes its running trial as failed at once (a killed one by heartbeat)
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -203,6 +205,12 @@ def _search(args: argparse.Namespace, worker) -> int:
                                 baselines=args.baselines, say=say, write=worker.is_main)
         except (_DataError, ValueError, FileNotFoundError) as e:
             return fail(e)
+        except OSError as e:  # a full disk or a read-only folder under a report run: one line
+            from timm_dcl.safe_io import is_write_fault, write_fault_text
+            if not is_write_fault(e):
+                raise
+            return fail(OSError(write_fault_text(e, output / "report") + "; run the same command again once "
+                                "there is room: finished runs are kept"))
         except KeyboardInterrupt:
             say(f"worker {worker.name}: interrupted; run the same command again to finish the report")
             return 130

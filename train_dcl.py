@@ -47,11 +47,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _saved_config(run: Path) -> dict:
     """A run's own settings: config.yaml (flag names), else config.json of older runs."""
-    if (run / "config.yaml").is_file():
-        import yaml
-        return yaml.safe_load((run / "config.yaml").read_text()) or {}
-    if (run / "config.json").is_file():
-        return json.loads((run / "config.json").read_text())
+    import yaml
+
+    from timm_dcl.cli import CliError
+
+    for name, parse in (("config.yaml", yaml.safe_load), ("config.json", json.loads)):
+        path = run / name
+        if path.is_file():
+            try:
+                values = parse(path.read_text()) or {}
+            except (ValueError, UnicodeDecodeError, yaml.YAMLError) as e:
+                raise CliError(f"--resume {run}: {path} is damaged ({' '.join(str(e).split())[:200]}); repair it "
+                               "or delete it and give the run's flags again") from None
+            if not isinstance(values, dict):
+                raise CliError(f"--resume {run}: {path} is damaged (not a mapping of flags)")
+            return values
     return {}
 
 
@@ -75,7 +85,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, argpa
 
 def main(argv: list[str] | None = None) -> int:
     from timm_dcl.cli import CliError, config_to_yaml, fail, graph_from_args
+    from timm_dcl.safe_io import is_write_fault, set_program, write_fault_text
 
+    set_program(PROG)
     try:
         args, parser = parse_args(argv)
     except CliError as e:
@@ -109,6 +121,14 @@ def main(argv: list[str] | None = None) -> int:
         train_graph(graph, cfg)
     except (*bad_input, FloatingPointError) as e:  # a diverged run says so in one line; last.pth stays
         return fail(PROG, e)
+    except OSError as e:  # a full disk, a folder made read-only mid-run: one line, the last checkpoint kept
+        if not is_write_fault(e):
+            raise
+        run = Path(cfg.output or cfg.resume)
+        text = write_fault_text(e, run)
+        if (run / "checkpoints" / "last.pth").is_file():
+            text += f"; the last good checkpoint is kept: continue with --resume {run}"
+        return fail(PROG, OSError(text))
     return 0
 
 

@@ -57,7 +57,8 @@ def test_ensemble_teacher_trains_and_reports_its_top1(tmp_path, shared_data):
     # an ensemble node: no optimiser, no weights file, no state in the checkpoint
     assert trainer.node_optimizers.names == ["0", "1"] and len(trainer.node_optimizers.optimizers) == 2
     out = tmp_path / "run"
-    assert sorted(p.name for p in (out / "nodes").iterdir()) == ["node0_resnet20.pth", "node1_resnet20.pth"]
+    assert sorted(p.name for p in (out / "nodes").iterdir()) == ["node0_resnet20.pth", "node0_resnet20.pth.sha256",
+                                                                 "node1_resnet20.pth", "node1_resnet20.pth.sha256"]
     state = torch.load(out / "checkpoints" / "last.pth", weights_only=False)
     assert state["models"][2] is None and state["models"][0] is not None
     summary = json.loads((out / "summary.json").read_text())

@@ -1,7 +1,8 @@
 """Checkpoint files: a node's weights (reusable as a frozen teacher) and training states.
 
-Every write goes to a temporary file that is renamed into place, so a run killed
-mid-save leaves the previous checkpoint intact.
+Every write goes through :mod:`.safe_io`: a temporary file renamed into place (a run killed
+mid-save leaves the previous checkpoint intact) with its SHA-256 beside it, which every load
+verifies (a damaged file is one line, not PyTorch's stack).
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from .safe_io import load_torch, save_torch
 
 __all__ = [
     "atomic_save",
@@ -26,12 +29,9 @@ __all__ = [
 NODE_FORMAT = "timm_dcl.node.v1"
 
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def atomic_save(obj: Any, path: str | os.PathLike, *, keep_previous: bool = False) -> None:
+    """``torch.save`` into place atomically, its checksum beside it (see :func:`.safe_io.save_torch`)."""
+    save_torch(obj, path, keep_previous=keep_previous)
 
 
 def node_weights_name(index: int, model: str) -> str:
@@ -76,7 +76,10 @@ def load_node_weights(path: str | os.PathLike, model: nn.Module, *, model_name: 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{where}: checkpoint {path} does not exist")
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        obj = load_torch(path, weights_only=True)
+    except ValueError as e:  # DamagedFileError: which node's file, in one line
+        raise ValueError(f"{where}: checkpoint {e}") from None
     state, meta = _extract_state_dict(obj, path)
     state = {k.removeprefix("module."): v for k, v in state.items()}
     own = model.state_dict()

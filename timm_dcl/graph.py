@@ -416,9 +416,10 @@ class Graph:
                    feature_weight=d.get("feature_weight", DEFAULT_FEATURE_WEIGHT))
 
     def save(self, path: Union[str, os.PathLike]) -> Path:
+        from .safe_io import write_text  # whole or not at all: a resume reads it back
+
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
         return path
 
     @classmethod

@@ -3,13 +3,20 @@
 graph.json/.png/.svg, config.json (the TrainConfig), config.yaml (the command line's resolved
 flags, which ``--config`` reads back), metrics.jsonl/.csv, curves.png, edges.png (the edge
 diagnostics of the last epoch) and summary.json.
+
+Each is written whole and renamed into place (:func:`.safe_io.write_text`): metrics.jsonl is
+rewritten from the history every epoch rather than appended to, so a full disk or a kill
+never leaves it with a torn last line.
 """
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 from typing import Optional
+
+from .safe_io import write_text
 
 __all__ = ["write_run_files", "rewrite_metrics", "append_metrics", "write_summary", "merge_cli_yaml"]
 
@@ -41,28 +48,25 @@ def write_run_files(output: Path, graph, cfg) -> None:
     graph.save(output / "graph.json")
     values = cfg.to_dict()
     cli_yaml = values.get("extra", {}).pop("cli_yaml", None)
-    (output / "config.json").write_text(json.dumps(values, indent=2) + "\n")
+    write_text(output / "config.json", json.dumps(values, indent=2) + "\n")
     if cli_yaml is not None:
         path = output / "config.yaml"
         old = path.read_text() if (cfg.resume and path.is_file()) else None
-        path.write_text(merge_cli_yaml(old, cli_yaml))
+        write_text(path, merge_cli_yaml(old, cli_yaml))
     for suffix in (".png", ".svg"):
         draw_graph(graph, output / f"graph{suffix}")
 
 
 def rewrite_metrics(output: Path, history: list[dict], num_nodes: int) -> None:
-    """On resume the checkpoint's history is the truth: a line written after it is dropped."""
-    path = output / "metrics.jsonl"
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
-    tmp.replace(path)
+    """On resume the checkpoint's history is the truth: a line written after it (or a torn one)
+    is dropped."""
+    write_text(output / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
     _write_csv(output, history, num_nodes)
 
 
 def append_metrics(output: Path, record: dict, history: list[dict], labels: list[str]) -> None:
-    with open(output / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
-    _write_csv(output, history, len(labels))
+    """The epoch's ``record`` (the last of ``history``) into metrics.jsonl/.csv and the plots."""
+    rewrite_metrics(output, history, len(labels))
     from .plots import plot_curves, plot_edges
     plot_curves(history, labels, output / "curves.png")
     plot_edges(history, labels, output / "edges.png")
@@ -71,13 +75,14 @@ def append_metrics(output: Path, record: dict, history: list[dict], labels: list
 def _write_csv(output: Path, history: list[dict], m: int) -> None:
     header = (["epoch"] + [f"top1_{i}" for i in range(m)] + ["ensemble_top1"]
               + [f"train_loss_{i}" for i in range(m)] + [f"lr_{i}" for i in range(m)] + ["time"])
-    with open(output / "metrics.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        for r in history:
-            top1 = r["top1"] if r["top1"] is not None else [""] * m  # an epoch not evaluated (--eval-every)
-            ens = r["ensemble_top1"] if r["ensemble_top1"] is not None else ""
-            w.writerow([r["epoch"], *top1, ens, *r["train_loss"], *r["lr"], r["time"]])
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(header)
+    for r in history:
+        top1 = r["top1"] if r["top1"] is not None else [""] * m  # an epoch not evaluated (--eval-every)
+        ens = r["ensemble_top1"] if r["ensemble_top1"] is not None else ""
+        w.writerow([r["epoch"], *top1, ens, *r["train_loss"], *r["lr"], r["time"]])
+    write_text(output / "metrics.csv", buf.getvalue())
 
 
 def write_summary(output: Path, history: list[dict], nodes, *, epochs: int, split: str, printer=print) -> None:
@@ -96,7 +101,7 @@ def write_summary(output: Path, history: list[dict], nodes, *, epochs: int, spli
         "epochs": epochs,
         "split": split,
     }
-    (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_text(output / "summary.json", json.dumps(summary, indent=2) + "\n")
     rows = [f"{'node':<28} {'final top-1':>11} {'best top-1':>10}"]
     for n in nodes:
         final = f"{last['top1'][n.index]:.2f}" if last else "-"

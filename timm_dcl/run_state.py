@@ -5,20 +5,62 @@
 GradScaler, every rank's RNG state, the lr and gate plan, the history), so that a run that
 dies loses nothing a ``--resume`` cannot restore, and re-plans the schedule when the resume
 asks for another ``--epochs``.
+
+Every checkpoint write keeps the previous good one (``last.prev.pth``, ``best.prev.pth``) and
+a SHA-256 beside each (:mod:`.safe_io`): a resume whose ``last.pth`` is damaged says so in one
+line and continues from ``last.prev.pth``, an epoch earlier (a resume is bit-identical, so
+nothing finished is lost).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
-from .checkpoint import atomic_save, node_weights_name, rng_state, save_node_weights, set_rng_state
+from .checkpoint import node_weights_name, rng_state, save_node_weights, set_rng_state
 from .graph import Graph
 from .recipe import GateClock, build_scheduler
+from .safe_io import DamagedFileError, load_torch, previous_path, save_torch, warn
 
-__all__ = ["RunState", "STATE_FORMAT"]
+__all__ = ["RunState", "STATE_FORMAT", "load_run_checkpoint", "NoUsableCheckpointError"]
 
 STATE_FORMAT = "timm_dcl.train.v1"
+
+
+def load_run_checkpoint(path: str | Path) -> dict:
+    """A training checkpoint (``last.pth``, ``best.pth`` or their ``.prev``), verified: a damaged
+    file, or one that is not a timm-dcl training state, is :class:`~timm_dcl.safe_io.DamagedFileError`."""
+    # Our own file: it holds RNG states (numpy arrays), so the full unpickler is needed.
+    state = load_torch(path, weights_only=False)
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise DamagedFileError(path, "not a timm-dcl training checkpoint")
+    return state
+
+
+class NoUsableCheckpointError(ValueError):
+    """``--resume`` of a run whose ``last.pth`` and ``last.prev.pth`` are both damaged or missing."""
+
+
+def _usable_checkpoint(run: Path) -> dict:
+    """``last.pth``, else (damaged or missing) ``last.prev.pth`` with one warning line; neither:
+    one error naming both."""
+    last = run / "checkpoints" / "last.pth"
+    prev = previous_path(last)
+    if not last.is_file() and not prev.is_file():
+        raise FileNotFoundError(f"--resume {run}: no checkpoint at {last}")
+    problems = []
+    for path in (last, prev):
+        if not path.is_file():
+            problems.append(f"{path} is missing")
+            continue
+        try:
+            state = load_run_checkpoint(path)
+        except DamagedFileError as e:
+            problems.append(str(e))
+            continue
+        if path == prev:
+            warn(f"{problems[0]}; resuming from {prev.name} at epoch {state['epoch']}")
+        return state
+    raise NoUsableCheckpointError(f"--resume {run}: no usable checkpoint: {'; '.join(problems)}; start the run "
+                                  "again with --output (or restore a copy of the run folder)")
 
 
 class RunState:
@@ -55,16 +97,11 @@ class RunState:
 
     def _save_state(self, which: str, rng: list) -> None:
         if self.output is not None and self.accelerator.is_main_process:
-            atomic_save(self._state(rng), self.output / "checkpoints" / f"{which}.pth")
+            save_torch(self._state(rng), self.output / "checkpoints" / f"{which}.pth", keep_previous=True)
 
     def _read_resume_state(self) -> dict:
+        state = _usable_checkpoint(Path(self.cfg.resume))
         path = Path(self.cfg.resume) / "checkpoints" / "last.pth"
-        if not path.is_file():
-            raise FileNotFoundError(f"--resume {self.cfg.resume}: no checkpoint at {path}")
-        # Our own file: it holds RNG states (numpy arrays), so the full unpickler is needed.
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-            raise ValueError(f"--resume {self.cfg.resume}: {path} is not a timm-dcl training checkpoint")
         theirs, ours = Graph.from_dict(state["graph"]).to_dict(), self.graph.to_dict()
         if theirs != ours:
             diff = [k for k in ours if ours.get(k) != theirs.get(k)]

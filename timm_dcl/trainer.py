@@ -28,6 +28,7 @@ from .recipe import GateClock, NodeOptimizers, build_node_optimizer, build_sched
 from .run_state import STATE_FORMAT, RunState  # noqa: F401  (STATE_FORMAT: part of this module's API)
 from .recipe import lr_at_epoch  # noqa: F401  (part of this module's API since the first release)
 from . import run_files
+from .safe_io import check_output_dir
 
 __all__ = ["train_graph", "GraphTrainer", "TrainResult", "lr_at_epoch", "build_run_data", "ensemble_logits",
            "node_init_seed"]
@@ -95,6 +96,8 @@ class GraphTrainer(RunState):
         target = graph.reference_model
         self.input_size = tuple(data.input_size) if data is not None else resolve_input_size(cfg, target)
         check_models_run(graph, self.input_size)
+        if self.output is not None:  # a folder the run cannot write fails now, not after the data loads
+            check_output_dir(self.output, "--output" if cfg.output else "--resume")
 
         if accelerator is None:
             from accelerate import Accelerator

@@ -1,8 +1,9 @@
 """Where a study lives: Optuna storages (an embedded journal file, or any RDB URL), the study.
 
 ``--storage`` is a journal file (default ``OUTPUT/study.journal``; local processes share it
-through Optuna's lock file) or a SQLAlchemy URL for :class:`optuna.storages.RDBStorage`
-(PostgreSQL or MySQL for several machines, SQLite).
+through Optuna's lock file; :mod:`.journal` cuts off a record torn by a killed writer) or a
+SQLAlchemy URL for :class:`optuna.storages.RDBStorage` (PostgreSQL or MySQL for several
+machines, SQLite).
 
 Dead workers. Every running trial proves its worker alive with a heartbeat; a trial whose
 heartbeat is older than the grace period is failed, so that another worker takes its slot.
@@ -25,9 +26,10 @@ from typing import Any, Optional
 import optuna
 from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
 from optuna.storages import BaseStorage, RDBStorage
-from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock, JournalStorage
+from optuna.storages.journal import JournalFileSymlinkLock, JournalStorage
 from optuna.trial import TrialState
 
+from .journal import JournalDamagedError, SafeJournalFileBackend
 from .space import SearchSpace
 
 __all__ = ["StorageError", "JournalHeartbeatStorage", "open_storage", "make_sampler", "make_pruner",
@@ -182,8 +184,11 @@ def open_storage(storage: Optional[str], default_path: str | os.PathLike, *, hea
             raise StorageError(f"--storage {path} is a directory; give a journal file or a database URL")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            backend = JournalFileBackend(str(path), lock_obj=JournalFileSymlinkLock(str(path)))
+            # cuts a torn last record (a worker killed mid-write) that would break the next append
+            backend = SafeJournalFileBackend(str(path), lock_obj=JournalFileSymlinkLock(str(path)))
             return JournalHeartbeatStorage(backend, heartbeat_interval, grace_period)
+        except JournalDamagedError as e:
+            raise StorageError(str(e)) from None
         except OSError as e:
             raise StorageError(f"cannot open the study journal {path}: {e}") from None
         except (ValueError, json.JSONDecodeError) as e:
