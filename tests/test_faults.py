@@ -647,12 +647,19 @@ def test_a_report_run_with_a_damaged_checkpoint_resumes_from_the_previous_one(tm
     # nothing lost: the report's number is the uninterrupted run's
     assert report["rows"][0]["top1"] == [reference.history[-1]["top1"][0]]
 
-    # no usable checkpoint at all: the run is reported as such, in one line (search_dcl.py prints it)
+    # no usable checkpoint at all: one line says so, and the run is trained again from the start
+    # (same seed, so the same number)
     _truncate(run / "checkpoints" / "last.prev.pth")
     _truncate(last)
-    (run / "metrics.jsonl").write_text("")  # unfinished, so that the report looks at it again
-    with pytest.raises(NoUsableCheckpointError, match=rf"--resume {run}: no usable checkpoint: {last} is damaged"):
-        run_report(study, space, cfg, tmp_path, ReportSettings(top=1, seeds=1), **report_cfg)
+    (run / "metrics.jsonl").write_text("{\"epoch\": 1, \"top1\"")  # a torn line: unfinished, read past
+    lines = []
+    report = run_report(study, space, cfg, tmp_path, ReportSettings(top=1, seeds=1),
+                        **{**report_cfg, "say": lines.append})
+    damaged = [m for m in lines if "no usable checkpoint" in m]
+    assert len(damaged) == 1 and damaged[0].endswith("; training it again from the start"), lines
+    assert f"{last} is damaged" in damaged[0]
+    assert report["rows"][0]["top1"] == [reference.history[-1]["top1"][0]]
+    assert issubclass(NoUsableCheckpointError, ValueError)
 
 
 def dataclasses_replace(obj, **changes):

@@ -32,6 +32,7 @@ import optuna
 
 from ..config import RECIPE_FIELDS
 from ..graph import Graph
+from ..run_state import NoUsableCheckpointError
 from .plots import plot_report
 from .space import CanonicalGraph, SearchSpace
 from .stats import paired_difference, verdict
@@ -189,10 +190,12 @@ def _read_result(run: Path, cfg, epochs: int) -> Optional[dict]:
     if not metrics.is_file():
         return None
     for line in metrics.read_text().splitlines():
-        if line.strip():
+        try:
             record = json.loads(line)
-            if int(record["epoch"]) == epochs:
-                return record
+        except ValueError:  # a torn or empty line (an older run's): not a finished epoch
+            continue
+        if int(record["epoch"]) == epochs:
+            return record
     return None
 
 
@@ -264,11 +267,19 @@ def run_report(study: optuna.Study, space: SearchSpace, cfg, output: str | os.Pa
                 say(f"report: {'resuming' if resume else 'training'} {g.name} {g.models_text} "
                     f"[{g.gates_text}]{features} seed {k} → {run}")
                 start = time.perf_counter()
-                try:
+
+                def train(resume_from: Optional[str]) -> None:
                     with open(run.with_name(f"seed{k}.log"), "a", buffering=1) as log, \
                             contextlib.redirect_stdout(log):
-                        train_graph(graph, dataclasses.replace(seed_cfg, resume=str(run) if resume else None),
-                                    data=data)
+                        train_graph(graph, dataclasses.replace(seed_cfg, resume=resume_from), data=data)
+
+                try:
+                    try:
+                        train(str(run) if resume else None)
+                    except NoUsableCheckpointError as e:  # neither last.pth nor last.prev.pth loads
+                        # said here, outside the seed's log: a run lost to damage is news for the user
+                        say(f"report: {g.id}/seed{k}: {e}; training it again from the start")
+                        train(None)
                 except FloatingPointError as e:
                     atomic_write_text(_diverged_marker(run), f"{e}\n")
                     say(f"report: {g.id}/seed{k} diverged: {e}")
