@@ -62,6 +62,16 @@ def tiny_dir(shared_data) -> Path:
     return _parquet_copy(shared_data, "tiny-imagenet-200")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny runs: they gain nothing from a second thread, and
+    lose much when the cores are busy (``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _private_cache(tmp_path, monkeypatch):
     """Never touch the user's ~/.cache/timm_dcl from the tests."""

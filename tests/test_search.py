@@ -26,19 +26,11 @@ from timm_dcl.search import (InvalidGraph, JournalHeartbeatStorage, SearchSpace,
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # the tests below ask for trials by hand, outside Study.optimize
-pytestmark = pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning"),
+              pytest.mark.usefixtures("one_thread")]  # conftest.py
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny batches gain nothing from a second thread, and lose much when the cores are busy."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_args(cifar10: str, output: Path, *extra: str, train: int = 60, val: int = 20) -> list[str]:
