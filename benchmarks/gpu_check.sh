@@ -17,7 +17,7 @@
 #
 # Environment: PYTHON (default python3), GPU_CHECK_DATA (the CIFAR-10 parquet folder for
 # `prepare`, default ../shared/data/cifar10), GPU_CHECK_BUILD_S / _TESTS_S / _LOSS_S /
-# _TRAIN_S (per-step limits in seconds), GPU_CHECK_SKIP_BUILD=1 (a rerun on a machine that
+# _TRAIN_S / _COMPILE_S (per-step limits in seconds), GPU_CHECK_SKIP_BUILD=1 (a rerun on a machine that
 # still has the build).
 set -uo pipefail
 
@@ -196,7 +196,7 @@ else:
   step "bench_train.py --device cuda --quick" "${GPU_CHECK_TRAIN_S:-130}" \
     "$PY" benchmarks/bench_train.py --device cuda --quick --data-dir "$data" --output "$OUTDIR/bench_train_cuda.md"
   # The launch-bound step of the first check: the same benchmark with the whole step compiled.
-  step "bench_train.py --device cuda --quick --compile" "${GPU_CHECK_COMPILE_S:-140}" \
+  step "bench_train.py --device cuda --quick --compile" "${GPU_CHECK_COMPILE_S:-200}" \
     "$PY" benchmarks/bench_train.py --device cuda --quick --compile --cudnn-benchmark --data-dir "$data" \
     --output "$OUTDIR/bench_train_cuda_compile.md"
   write_report
