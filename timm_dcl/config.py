@@ -91,6 +91,10 @@ class TrainConfig:
     log_with: Optional[str] = None  # an Accelerate tracker; None: none
     progress_bar: bool = True
     save_best: bool = True
+    model_ema: bool = False  # an EMA (timm's ModelEmaV3) of every trainable node
+    model_ema_decay: float = 0.9998
+    model_ema_warmup: bool = False
+    checkpoint_every_steps: Optional[int] = None  # last.pth every N steps mid-epoch; None: at epoch ends only
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -161,6 +165,12 @@ class TrainConfig:
             raise ValueError(f"--ensemble-mean must be logits or probs, got {self.ensemble_mean!r}")
         if isinstance(self.eval_every, bool) or not isinstance(self.eval_every, int) or self.eval_every < 1:
             raise ValueError(f"--eval-every must be an integer ≥ 1, got {self.eval_every!r}")
+        d = self.model_ema_decay
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 <= d < 1:
+            raise ValueError(f"--model-ema-decay must be a number in [0, 1), got {d!r}")
+        n = self.checkpoint_every_steps
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ValueError(f"--checkpoint-every-steps must be an integer ≥ 1, got {n!r}")
         if int(self.edge_stats_every) < 0:
             raise ValueError(f"--edge-stats-every must be ≥ 0 (0: no edge diagnostics), got {self.edge_stats_every}")
 
@@ -241,7 +251,7 @@ RECIPE_FIELDS = ("train_subset", "val_size", "img_size", "input_size", "crop_pct
                  "opt", "lr", "momentum", "nesterov", "weight_decay", "opt_filter_bias_bn", "clip_grad", "clip_mode",
                  "sched", "sched_on_updates", "decay_milestones", "decay_epochs", "decay_rate", "warmup_epochs",
                  "warmup_lr", "min_lr", "seed", "recipe", "drop_last", "frozen_bn",
-                 "ensemble_mean")
+                 "ensemble_mean", "model_ema_decay", "model_ema_warmup")
 
 
 # The flags: defined in timm_dcl.cli, importable from here as they always were.

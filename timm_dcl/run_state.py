@@ -95,9 +95,14 @@ class RunState:
             "history": self.history,
         }
 
-    def _save_state(self, which: str, rng: list) -> None:
+    def _save_state(self, which: str, rng: list, position: dict | None = None) -> None:
         if self.output is not None and self.accelerator.is_main_process:
-            save_torch(self._state(rng), self.output / "checkpoints" / f"{which}.pth", keep_previous=True)
+            state = self._state(rng)
+            if position is not None:  # a checkpoint in the middle of an epoch (preemption.py)
+                state["position"] = position
+            if self.emas:  # the EMAs of the nodes (ema.py)
+                state["ema"] = self.emas.state_dict()
+            save_torch(state, self.output / "checkpoints" / f"{which}.pth", keep_previous=True)
 
     def _read_resume_state(self) -> dict:
         state = _usable_checkpoint(Path(self.cfg.resume))
@@ -130,6 +135,8 @@ class RunState:
         self.epoch, self.iteration = state["epoch"], state["iteration"]
         self.best_top1, self.best_epoch = state["best"]["top1"], state["best"]["epoch"]
         self.history = list(state["history"])
+        self._epoch_position = state.get("position")
+        self._load_emas(state.get("ema"))
         self.clock = GateClock(**plan["clock"])
         self.planned_epochs = plan["epochs"]
         if plan["epochs"] != cfg.epochs:
@@ -165,4 +172,5 @@ class RunState:
                 continue
             save_node_weights(self.output / "nodes" / node_weights_name(n.index, n.spec.model), n.raw,
                               model_name=n.spec.model, model_kwargs=n.spec.model_kwargs,
-                              num_classes=self.num_classes, dataset=self.cfg.dataset, top1=top1)
+                              num_classes=self.num_classes, dataset=self.cfg.dataset, top1=top1,
+                              ema=self.emas.module(n.index) if n.index in self.emas else None)

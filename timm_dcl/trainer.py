@@ -18,12 +18,14 @@ from torch import nn
 
 from .config import TrainConfig
 from .edge_stats import EdgeStats
+from .ema import EmaState
 from .features import FeatureEdgeLoss, WithFeatures
 from .gates import Gate
 from .graph import Graph
 from .nodes import (check_models_run, create_node_model, pretrained_stats, resolve_eval_crop,
                     resolve_input_size)
 from .ops import KTGLoss
+from .preemption import MidEpochState, StopSignals, skip_batches
 from .recipe import GateClock, NodeOptimizers, build_node_optimizer, build_scheduler, check_optimizer_names
 from .run_state import STATE_FORMAT, RunState  # noqa: F401  (STATE_FORMAT: part of this module's API)
 from .recipe import lr_at_epoch  # noqa: F401  (part of this module's API since the first release)
@@ -50,11 +52,13 @@ class TrainResult:
 
 class _Node:
     """One node at run time: its module, how it sees the input, and its optimiser's index.
-    An ensemble node has no module (``raw`` is None), only the indices of its ``members``."""
+    An ensemble node has no module (``raw`` is None), only the indices of its ``members``; an
+    EMA node neither (``is_ensemble`` is true of both: virtual), only ``ema_of``."""
 
     def __init__(self, index: int, spec, model: Optional[nn.Module], frozen: bool, normalise: bool = True,
-                 members: tuple[int, ...] = (), feature_stage: Optional[int] = None):
+                 members: tuple[int, ...] = (), feature_stage: Optional[int] = None, ema_of: Optional[int] = None):
         self.index = index
+        self.ema_of = ema_of
         self.feature_stage = feature_stage  # None: in no feature edge, its training forward gives logits only
         self.spec = spec
         self.raw = model          # unwrapped: state_dict, evaluation
@@ -74,6 +78,8 @@ class _Node:
 
     @property
     def label(self) -> str:
+        if self.ema_of is not None:
+            return f"{self.index}: EMA of {self.ema_of}"
         if self.is_ensemble:
             return f"{self.index}: ensemble of " + "+".join(map(str, self.members))
         return f"{self.index}: {self.spec.model}" + (" (frozen)" if self.frozen else "")
@@ -83,7 +89,7 @@ def _flat_config(cfg: TrainConfig) -> dict:
     return {k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool))}
 
 
-class GraphTrainer(RunState):
+class GraphTrainer(RunState, EmaState, MidEpochState):
     def __init__(self, graph: Graph, cfg: TrainConfig, *, data=None, accelerator=None):
         self.graph = graph
         self.cfg = cfg
@@ -175,9 +181,10 @@ class GraphTrainer(RunState):
         codes = self.graph.gate_codes
         for t, spec in enumerate(self.graph.nodes):
             row_cut = all(codes[t * m + s] == Gate.CUTOFF for s in range(m))
-            if spec.is_ensemble and not row_cut:
-                raise ValueError(f"node {t} is an ensemble, which learns nothing: its gate row must be all cutoff")
-            if row_cut and not spec.frozen and not spec.is_ensemble:
+            if spec.is_virtual and not row_cut:
+                raise ValueError(f"node {t} is virtual ({spec.model}), so it learns nothing: its gate row must be "
+                                 "all cutoff")
+            if row_cut and not spec.frozen and not spec.is_virtual:
                 raise ValueError(
                     f"node {t} ({spec.model}) has an all-cutoff gate row, so it would learn nothing: "
                     "give it a checkpoint (a frozen pre-trained node) or open one of its gates")
@@ -185,6 +192,8 @@ class GraphTrainer(RunState):
     def _build_node(self, index: int, spec) -> _Node:
         if spec.is_ensemble:
             return _Node(index, spec, None, False, members=self.graph.ensemble_members(index))
+        if spec.is_ema:
+            return _Node(index, spec, None, False, ema_of=self.graph.ema_source(index))
         # Each node's random initialisation depends on (seed, its index) alone, not on the nodes
         # built before it: seed k of two graphs that share node 0's model starts node 0 from the
         # same weights, so their runs differ only by the graph (the report pairs them by seed).
@@ -226,6 +235,7 @@ class GraphTrainer(RunState):
         # as one graph, rather than each model alone; progress travels as a tensor so that the
         # linear gates' changing weight does not recompile it (the backward is compiled with it).
         self._train_step = torch.compile(self._forward_loss) if cfg.compile else self._forward_loss
+        self._setup_emas()
         device = acc.device
         self._norms = {}
         for key in {n.norm_key for n in self.nodes if not n.is_ensemble}:
@@ -262,7 +272,7 @@ class GraphTrainer(RunState):
         features: list = [None] * len(self.nodes)
         for n in self.nodes:
             if n.is_ensemble:
-                logits.append(None)
+                logits.append(self._ema_logits(n, inputs) if n.ema_of is not None else None)
                 continue
             x = inputs[n.norm_key]
             if n.frozen or not train:
@@ -276,7 +286,7 @@ class GraphTrainer(RunState):
         if len({z.dtype for z in logits if z is not None}) > 1:  # e.g. a head kept in float32 under autocast
             logits = [z if z is None else z.float() for z in logits]
         for n in self.nodes:
-            if n.is_ensemble:
+            if n.is_ensemble and n.ema_of is None:
                 logits[n.index] = ensemble_logits([logits[s].detach() for s in n.members], self.cfg.ensemble_mean)
         return logits, features
 
@@ -321,9 +331,11 @@ class GraphTrainer(RunState):
         feature_sum = torch.zeros_like(loss_sum)
         every = cfg.edge_stats_every
         edges = EdgeStats(self.graph.gate_codes, len(self.nodes), self.graph.temperature, acc.device) if every else None
-        bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True,
-                   disable=not (cfg.progress_bar and acc.is_local_main_process))
-        for step, (images, labels) in enumerate(bar):
+        start = self._resume_position(epoch, gen, (loss_sum, feature_sum), edges)  # 0 unless mid-epoch
+        bar = tqdm(skip_batches(self.train_loader, start), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+                   dynamic_ncols=True, disable=not (cfg.progress_bar and acc.is_local_main_process),
+                   total=len(self.train_loader), initial=start)
+        for step, (images, labels) in enumerate(bar, start=start):
             images = images.to(acc.device, non_blocking=True)
             labels = labels.to(acc.device, non_blocking=True)
             images = self.train_loader.augment(images, gen)
@@ -339,11 +351,13 @@ class GraphTrainer(RunState):
                 self._clip_gradients()
             self.optimizer.step()  # every node at once: one GradScaler update per iteration
             self.optimizer.zero_grad(set_to_none=True)
+            self._update_emas()
             if cfg.sched_on_updates:
                 self.scheduler.step_update(self.iteration)
             loss_sum += losses.detach().double()
             if feature_losses is not None:
                 feature_sum += feature_losses.detach().double()
+            self._after_step(epoch, step + 1, gen, (loss_sum, feature_sum), edges)  # may checkpoint, or stop
             if step % 25 == 0 and not bar.disable:
                 bar.set_postfix_str(" ".join(f"{v:.3f}" for v in (loss_sum / (step + 1)).tolist()))
         bar.close()
@@ -434,6 +448,7 @@ class GraphTrainer(RunState):
                     "split": cfg.eval_split,
                     **self.feature_record,
                     **self.edge_record,
+                    **(self._ema_record(self.eval_name) if evaluated else {}),
                 }
                 self.epoch, improved = epoch + 1, evaluated and top1[0] > self.best_top1
                 if improved:
@@ -506,6 +521,8 @@ def train_graph(graph: Graph, cfg: TrainConfig, *, data=None, accelerator=None,
 
     ``data`` (a :class:`timm_dcl.data.DataSplits`) skips loading, e.g. when a search
     trains many graphs on the same images. An exception raised by the callback (such
-    as ``optuna.TrialPruned``) stops training and propagates.
+    as ``optuna.TrialPruned``) stops training and propagates. SIGTERM or SIGUSR1 stop the run
+    at the next step, its ``last.pth`` written: :class:`~timm_dcl.preemption.Preempted`.
     """
-    return GraphTrainer(graph, cfg, data=data, accelerator=accelerator).fit(epoch_callback)
+    with StopSignals():
+        return GraphTrainer(graph, cfg, data=data, accelerator=accelerator).fit(epoch_callback)
