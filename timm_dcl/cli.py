@@ -167,6 +167,8 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
                    help="NHWC memory format (default: on for CPU and mixed precision)")
     g.add_argument("--compile", action="store_true", help="torch.compile every node")
     g.add_argument("--no-progress", dest="progress_bar", action="store_false", help="no tqdm bars")
+    from .timm_recipe import add_timm_recipe_args
+    add_timm_recipe_args(parser)
 
 
 def add_graph_args(parser: argparse.ArgumentParser) -> None:
