@@ -228,3 +228,17 @@ def test_randaugment_and_erasing_in_the_streaming_path(cifar10, capsys):
     mixing = build_batch_mixing(cfg, data.num_classes, *PIXEL_NORM)
     erased, _ = mixing(images, labels, epoch=0)
     assert (erased != images.float()).flatten(1).any(1).all()
+
+
+def test_randaugment_posterize_at_zero_bits_does_not_raise():
+    """timm's policies posterize to 0 bits at their top magnitudes, which Pillow ≥ 11 refuses."""
+    from PIL import Image
+    from timm.data.auto_augment import AugmentOp
+
+    from timm_dcl.data.transforms import train_transform
+
+    train_transform((32, 32), (3, 32, 32), auto_augment="rand-m10-inc1")  # installs the 0-bit posterize
+    image = Image.new("RGB", (32, 32), (200, 100, 50))
+    op = AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=10)
+    out = op(image)
+    assert out.size == image.size and out.getpixel((0, 0)) == (0, 0, 0)

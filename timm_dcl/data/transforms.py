@@ -31,6 +31,8 @@ def train_transform(native_hw: Optional[Sequence[int]], input_size: Sequence[int
     from torchvision import transforms
     h, w = input_size[-2:]
     interp = train_interpolation or interpolation
+    if auto_augment:
+        _timm_policies_on_this_pillow()
     if native_hw is not None and uses_pad_crop(native_hw, (h, w)):
         return transforms.Compose([
             # pad_if_needed: an image smaller than the sampled ones must not stop an epoch
@@ -43,6 +45,26 @@ def train_transform(native_hw: Optional[Sequence[int]], input_size: Sequence[int
     # color_jitter=None unless asked: the same augmentation as the in-memory path's batched crop and flip.
     return create_transform((3, h, w), is_training=True, use_prefetcher=True, color_jitter=color_jitter,
                             auto_augment=auto_augment, interpolation=interp)
+
+
+def _posterize(img, bits_to_keep, **kwargs):
+    """timm's posterize, also for 0 bits: timm's policies ask for 0 at their top magnitudes (a
+    black image, as Pillow gave before 11), which Pillow ≥ 11 refuses with a ValueError."""
+    if bits_to_keep <= 0:
+        from PIL import Image
+        return Image.new(img.mode, img.size)
+    from timm.data.auto_augment import posterize
+    return posterize(img, bits_to_keep, **kwargs)
+
+
+def _timm_policies_on_this_pillow() -> None:
+    """Route timm's Posterize ops through :func:`_posterize` (ops are looked up when a policy is
+    built, so this must run before)."""
+    from timm.data import auto_augment
+
+    for name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
+        if auto_augment.NAME_TO_OP.get(name) is auto_augment.posterize:
+            auto_augment.NAME_TO_OP[name] = _posterize
 
 
 def _pixel_policy(hw: Sequence[int], auto_augment: Optional[str], color_jitter: Optional[float], interpolation: str):
