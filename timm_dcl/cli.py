@@ -179,6 +179,8 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
                    help="also write checkpoints/last.pth every N training steps, mid-epoch (a --resume "
                         "continues the epoch where it stopped); SIGTERM or SIGUSR1 always write it at the "
                         "next step and stop the run")
+    from .timm_recipe import add_timm_recipe_args
+    add_timm_recipe_args(parser)
 
 
 def add_graph_args(parser: argparse.ArgumentParser) -> None:

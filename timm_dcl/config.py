@@ -80,6 +80,22 @@ class TrainConfig:
     seed: int = 0
     frozen_bn: str = "eval"  # "train": frozen nodes' BatchNorm uses batch statistics, as the authors' code
     ensemble_mean: str = "logits"  # ensemble nodes: mean of logits (the authors' code) or "probs"
+    # timm's training recipe (timm_dcl/timm_recipe.py): off by default, as the paper
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    cutmix_minmax: Optional[list[float]] = None
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    mixup_mode: str = "batch"
+    mixup_off_epoch: int = 0
+    smoothing: float = 0.0
+    aa: Optional[str] = None
+    reprob: float = 0.0
+    remode: str = "pixel"
+    recount: int = 1
+    color_jitter: Optional[float] = None
+    train_interpolation: Optional[str] = None
+    grad_accum_steps: int = 1
     # runtime
     edge_stats_every: int = 10  # edge diagnostics from every N-th training batch; 0: none
     eval_every: int = 1  # evaluate every N-th epoch (and always the last)
@@ -173,6 +189,8 @@ class TrainConfig:
             raise ValueError(f"--checkpoint-every-steps must be an integer ≥ 1, got {n!r}")
         if int(self.edge_stats_every) < 0:
             raise ValueError(f"--edge-stats-every must be ≥ 0 (0: no edge diagnostics), got {self.edge_stats_every}")
+        from .timm_recipe import check_timm_recipe
+        check_timm_recipe(self)
 
     @property
     def requested_input_size(self) -> Optional[tuple[int, int, int]]:
@@ -251,7 +269,9 @@ RECIPE_FIELDS = ("train_subset", "val_size", "img_size", "input_size", "crop_pct
                  "opt", "lr", "momentum", "nesterov", "weight_decay", "opt_filter_bias_bn", "clip_grad", "clip_mode",
                  "sched", "sched_on_updates", "decay_milestones", "decay_epochs", "decay_rate", "warmup_epochs",
                  "warmup_lr", "min_lr", "seed", "recipe", "drop_last", "frozen_bn",
-                 "ensemble_mean", "model_ema_decay", "model_ema_warmup")
+                 "ensemble_mean", "model_ema_decay", "model_ema_warmup", "mixup", "cutmix", "cutmix_minmax", "mixup_prob",
+                 "mixup_switch_prob", "mixup_mode", "mixup_off_epoch", "smoothing", "aa", "reprob", "remode", "recount",
+                 "color_jitter", "train_interpolation", "grad_accum_steps")
 
 
 # The flags: defined in timm_dcl.cli, importable from here as they always were.

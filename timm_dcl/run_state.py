@@ -152,7 +152,7 @@ class RunState:
 
     def _replan(self, old_epochs: int) -> None:
         cfg, acc = self.cfg, self.accelerator
-        per_epoch = len(self.train_loader)
+        per_epoch = self.accum.updates_per_epoch  # optimiser updates (--grad-accum-steps)
         if cfg.resume_schedule == "keep":
             self.scheduler = build_scheduler(self.node_optimizers, cfg, epochs=old_epochs, updates_per_epoch=per_epoch)
             acc.print(f"resume: --epochs {old_epochs} → {cfg.epochs}: keeping the original {old_epochs}-epoch "

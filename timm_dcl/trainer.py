@@ -18,6 +18,7 @@ from torch import nn
 
 from .config import TrainConfig
 from .edge_stats import EdgeStats
+from .accumulation import Accumulation
 from .ema import EmaState
 from .features import FeatureEdgeLoss, WithFeatures
 from .gates import Gate
@@ -139,6 +140,7 @@ class GraphTrainer(RunState, EmaState, MidEpochState):
             raise ValueError(f"the training split ({len(data.train)} images) gives no "
                              f"{'full ' if cfg.drops_last_batch else ''}batch of {cfg.batch_size} on each of "
                              f"{acc.num_processes} processes")
+        self.accum = Accumulation(cfg.grad_accum_steps, len(self.train_loader))
         self.planned_epochs = cfg.epochs
         self.clock = GateClock(end_iteration=self._gate_iterations(cfg.epochs))
         self.edge_record: dict = {}  # the last epoch's edge diagnostics (edge_stats.py)
@@ -159,7 +161,7 @@ class GraphTrainer(RunState, EmaState, MidEpochState):
 
     def _gate_iterations(self, epochs: int) -> int:
         per_shard = len(self.data.train) // self.accelerator.num_processes
-        return self.cfg.gate_iterations(train_images=per_shard, iterations_per_epoch=len(self.train_loader),
+        return self.cfg.gate_iterations(train_images=per_shard, iterations_per_epoch=self.accum.updates_per_epoch,
                                         epochs=epochs)
 
     @property
@@ -173,6 +175,10 @@ class GraphTrainer(RunState, EmaState, MidEpochState):
         return {"log_with": self.cfg.log_with, "project_dir": str(self.output)}
 
     def _load_data(self):
+        from .timm_recipe import streaming_reason
+        if streaming_reason(self.cfg) and self.cfg.in_memory is None:
+            self.accelerator.print(f"{streaming_reason(self.cfg)} is a per-image transform: the data streams "
+                                   "through DataLoader workers instead of being decoded into memory")
         with self.accelerator.main_process_first():
             return build_run_data(self.cfg, self.graph.reference_model)
 
@@ -226,7 +232,7 @@ class GraphTrainer(RunState, EmaState, MidEpochState):
                 n.raw = n.raw.model
         self.optimizer = prepared[-1]
         self.scheduler = build_scheduler(self.node_optimizers, cfg, epochs=self.planned_epochs,
-                                         updates_per_epoch=len(self.train_loader))
+                                         updates_per_epoch=self.accum.updates_per_epoch)
         for n in self.nodes:
             if n.frozen and not n.is_ensemble:
                 n.raw.to(acc.device)
@@ -242,6 +248,9 @@ class GraphTrainer(RunState, EmaState, MidEpochState):
             mean, std = key
             self._norms[key] = (torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255.0,
                                 torch.tensor(std, device=device).view(1, -1, 1, 1) * 255.0)
+        from .mixing import build_batch_mixing  # mixup/CutMix, label smoothing, random erasing
+        first = next(n.norm_key for n in self.nodes if not n.is_ensemble)
+        self.batch_mixing = build_batch_mixing(cfg, self.num_classes, *self._norms[first])
 
     @staticmethod
     def _with_features(n: _Node) -> nn.Module:
@@ -297,7 +306,8 @@ class GraphTrainer(RunState, EmaState, MidEpochState):
         losses = self.loss_fn(logits, labels, progress=progress)
         if self.feature_loss is None:
             return logits, losses, None
-        feature_losses = self.feature_loss(features, logits, labels, progress)
+        classes = labels.argmax(dim=1) if labels.dim() == 2 else labels  # soft targets: their argmax
+        feature_losses = self.feature_loss(features, logits, classes, progress)
         return logits, losses + feature_losses.to(losses.dtype), feature_losses
 
     def _clip_gradients(self) -> None:
@@ -339,25 +349,31 @@ class GraphTrainer(RunState, EmaState, MidEpochState):
             images = images.to(acc.device, non_blocking=True)
             labels = labels.to(acc.device, non_blocking=True)
             images = self.train_loader.augment(images, gen)
-            self.iteration += 1
-            progress = self.clock.progress(self.iteration)
-            with acc.autocast():
-                logits, losses, feature_losses = self._train_step(
-                    images, labels, torch.tensor(progress, dtype=torch.float64) if cfg.compile else progress)
-            if edges is not None and step % every == 0:
-                edges.add(logits, labels, progress)  # outside autocast: float32 statistics
-            acc.backward(losses.sum())
-            if cfg.clip_grad is not None:
-                self._clip_gradients()
-            self.optimizer.step()  # every node at once: one GradScaler update per iteration
-            self.optimizer.zero_grad(set_to_none=True)
-            self._update_emas()
-            if cfg.sched_on_updates:
-                self.scheduler.step_update(self.iteration)
+            if self.batch_mixing is not None:  # soft targets [B, C] from here on
+                images, labels = self.batch_mixing(images, labels, epoch)
+            if self.accum.starts_update(step):  # k counts optimiser updates
+                self.iteration += 1
+                progress = self.clock.progress(self.iteration)
+            with self.accum.context(acc, [n.train_model for n in self.nodes if n.trains], step):
+                with acc.autocast():
+                    logits, losses, feature_losses = self._train_step(
+                        images, labels, torch.tensor(progress, dtype=torch.float64) if cfg.compile else progress)
+                if edges is not None and step % every == 0:  # outside autocast: float32 statistics
+                    edges.add(logits, labels.argmax(dim=1) if labels.dim() == 2 else labels, progress)
+                acc.backward(losses.sum() * self.accum.loss_scale(step) if self.accum.steps > 1 else losses.sum())
+            if self.accum.ends_update(step):
+                if cfg.clip_grad is not None:
+                    self._clip_gradients()
+                self.optimizer.step()  # every node at once: one GradScaler update per iteration
+                self.optimizer.zero_grad(set_to_none=True)
+                self._update_emas()
+                if cfg.sched_on_updates:
+                    self.scheduler.step_update(self.iteration)
             loss_sum += losses.detach().double()
             if feature_losses is not None:
                 feature_sum += feature_losses.detach().double()
-            self._after_step(epoch, step + 1, gen, (loss_sum, feature_sum), edges)  # may checkpoint, or stop
+            if self.accum.ends_update(step):  # a checkpoint inside an accumulation group would lose its gradients
+                self._after_step(epoch, step + 1, gen, (loss_sum, feature_sum), edges)  # may checkpoint, or stop
             if step % 25 == 0 and not bar.disable:
                 bar.set_postfix_str(" ".join(f"{v:.3f}" for v in (loss_sum / (step + 1)).tolist()))
         bar.close()
@@ -449,6 +465,7 @@ class GraphTrainer(RunState, EmaState, MidEpochState):
                     **self.feature_record,
                     **self.edge_record,
                     **(self._ema_record(self.eval_name) if evaluated else {}),
+                    **({} if self.batch_mixing is None else self.batch_mixing.record(epoch)),
                 }
                 self.epoch, improved = epoch + 1, evaluated and top1[0] > self.best_top1
                 if improved:
@@ -506,13 +523,18 @@ def build_run_data(cfg: TrainConfig, target_model: str, *, val_size: Optional[in
     own, or node 0's pretrained_cfg), with node 0's evaluation crop unless ``--crop-pct`` says."""
     from .data import build_data
 
+    from .timm_recipe import needs_streaming
+
     crop_pct, interpolation = resolve_eval_crop(cfg, target_model)
     return build_data(cfg.dataset, data_dir=cfg.data_dir, train_subset=cfg.train_subset,
                       eval_subset=cfg.eval_subset, val_size=cfg.val_size if val_size is None else val_size,
-                      seed=cfg.seed, num_workers=cfg.workers, in_memory=cfg.in_memory,
+                      seed=cfg.seed, num_workers=cfg.workers,
+                      in_memory=False if needs_streaming(cfg) else cfg.in_memory,
                       input_size=resolve_input_size(cfg, target_model), crop_pct=crop_pct,
                       interpolation=interpolation, train_split=cfg.train_split, val_split=cfg.val_split,
-                      image_column=cfg.image_column, label_column=cfg.label_column)
+                      image_column=cfg.image_column, label_column=cfg.label_column,
+                      train_options=dict(auto_augment=cfg.aa, color_jitter=cfg.color_jitter,
+                                         train_interpolation=cfg.train_interpolation))
 
 
 def train_graph(graph: Graph, cfg: TrainConfig, *, data=None, accelerator=None,

@@ -56,14 +56,16 @@ def _seeded(seed: int, epoch: int, row: int):
     # restored afterwards: with num_workers=0 this runs in the training process, whose dropout
     # must not notice. CUDA generators are untouched (devices=[]).
     words = np.random.SeedSequence([seed & 0xFFFFFFFFFFFFFFFF, epoch, row]).generate_state(2)
-    state = random.getstate()
+    state, np_state = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed((int(words[0]) << 32) | int(words[1]))
         random.seed(int(words[0]))
+        np.random.seed(int(words[1]))  # timm's RandAugment picks its ops with numpy's
         try:
             yield
         finally:
             random.setstate(state)
+            np.random.set_state(np_state)
 
 
 class StreamingDataset(Dataset):
