@@ -20,7 +20,6 @@ scores node 0 on the test split at the last epoch (OUTPUT/report.md, report.json
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 import time
 from pathlib import Path
@@ -44,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--feature-edges", action="store_true",
                    help="sample the feature gates too (attention transfer, fgate_<t>_<s> for s ≠ t); those into "
                         "frozen nodes and into or out of an ensemble are cut")
+    g.add_argument("--ema-sources", action="store_true",
+                   help="nodes 1…M−1 may also draw ema:0, the EMA of node 0 (a mean teacher; its row is cutoff, "
+                        "its decay --model-ema-decay)")
     g.add_argument("--feature-weight", type=float, default=None, metavar="W",
                    help="weight of the feature edges' loss (default: the graph's, 500; needs --feature-edges)")
     g.add_argument("--candidates", default="resnet32,resnet110,wrn28_2", metavar="A,B,...",
@@ -107,12 +109,12 @@ def main(argv: list[str] | None = None) -> int:
 
     set_program("search_dcl.py")  # the warnings of the journal and of the report's runs say who wrote them
     worker = isolate_worker()  # before anything touches CUDA
-    # a terminated worker closes its running trial as failed at once (a killed one by heartbeat)
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    try:
+    from timm_dcl.preemption import StopSignals
+
+    # SIGTERM/SIGUSR1 (a cluster's preemption) stop the worker at the next training step: its
+    # running trial fails at once and is queued again, finished trials are kept, exit 0
+    with StopSignals():
         return _search(args, worker)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 class _DataError(Exception):
@@ -123,6 +125,7 @@ def _search(args: argparse.Namespace, worker) -> int:
     import optuna
 
     from timm_dcl.config import TrainConfig
+    from timm_dcl.preemption import Preempted
     from timm_dcl.search import (ReportSettings, SearchSpace, SearchWorker, StorageError, enqueue_baselines,
                                  make_pruner, make_sampler, open_storage, open_study, run_report, search_settings,
                                  write_summary)
@@ -154,10 +157,11 @@ def _search(args: argparse.Namespace, worker) -> int:
             raise ValueError("--feature-weight weighs the feature edges: it needs --feature-edges")
         space = SearchSpace(args.num_nodes, args.target_model, tuple(candidates), args.dataset,
                             args.pretrained_dir, args.temperature, ensemble_target=args.ensemble_target,
-                            feature_edges=args.feature_edges,
+                            feature_edges=args.feature_edges, ema_sources=args.ema_sources,
                             **({} if args.feature_weight is None else {"feature_weight": args.feature_weight}))
         # the modes get their own default study: one study never mixes them (its settings refuse it)
-        mode = ("-ensemble" if args.ensemble_target else "") + ("-features" if args.feature_edges else "")
+        mode = (("-ensemble" if args.ensemble_target else "") + ("-features" if args.feature_edges else "")
+                + ("-ema" if args.ema_sources else ""))
         output = Path(args.output or Path("output") / "search" / f"{args.dataset}-{args.num_nodes}nodes{mode}")
         cfg = TrainConfig.from_args(args, output=None, eval_split="val")
         pruner = make_pruner(args.min_resource, args.reduction_factor)
@@ -214,6 +218,9 @@ def _search(args: argparse.Namespace, worker) -> int:
         except KeyboardInterrupt:
             say(f"worker {worker.name}: interrupted; run the same command again to finish the report")
             return 130
+        except Preempted as e:  # the report's run wrote its last.pth: the same command resumes it
+            say(f"search_dcl.py: worker {worker.name}: {e}; run the same command again to finish the report")
+            return 0
         if worker.is_main:
             print(f"report: trained {result['trained']} run(s) here; " + (
                 "every run was already done" if not result["trained"] else "the rest were done"))
@@ -252,6 +259,9 @@ def _search(args: argparse.Namespace, worker) -> int:
         say(f"worker {worker.name}: interrupted; its running trial is marked failed. "
             "Run the same command again to resume the study.")
         code = 130
+    except Preempted as e:
+        say(f"search_dcl.py: worker {worker.name}: {e}; a running trial is failed and its graph queued again, "
+            "finished trials are kept: run the same command again to resume the study")
     finally:
         bar.close()
     if worker.is_main:
@@ -273,10 +283,6 @@ def _named_files(values: list[str]) -> tuple[tuple[str, str], ...]:
                 raise ValueError(f"--report-graphs takes NAME=FILE, got {item!r}")
             out.append((name.strip(), path.strip()))
     return tuple(out)
-
-
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 if __name__ == "__main__":

@@ -125,8 +125,12 @@ def main(argv: list[str] | None = None) -> int:
         push = check_push_args(args.push_to_hub, args.push_nodes, graph)
     except bad_input as e:
         return fail(PROG, e)
+    from timm_dcl.preemption import Preempted
     try:
         train_graph(graph, cfg)
+    except Preempted as e:  # a cluster's stop signal: the checkpoint is written, a requeue resumes it
+        print(f"{PROG}: {e}", flush=True)
+        return 0
     except (*bad_input, FloatingPointError) as e:  # a diverged run says so in one line; last.pth stays
         return fail(PROG, e)
     except OSError as e:  # a full disk, a folder made read-only mid-run: one line, the last checkpoint kept

@@ -5,6 +5,9 @@ Side by side, per shape (M nodes, batch B, C classes):
   reference timm_dcl.ktg_loss_reference in eager mode
   compiled  torch.compile of the reference (compiled once per shape, outside the timing)
   fused     timm_dcl.ktg_loss (one kernel each way where the extension is built)
+Rows with soft labels feed every variant float [B, C] target probabilities (what mixup and
+label smoothing give) instead of integer labels, and also time the fused op on integer
+labels side by side: the soft/int column is what soft targets add.
 and the floor: bytes moved over the measured memory bandwidth, against the exp count over
 the measured exp throughput on CPU, or two launches' latency on CUDA; the larger counts.
 
@@ -52,13 +55,14 @@ def edge_loop_loss(logits: list[torch.Tensor], labels: torch.Tensor, gates: list
     p·log(p/(q + ε) + ε) of two softmaxes; this is what the fused op replaces.
     """
     T = temperature
+    classes = labels.argmax(dim=1) if labels.is_floating_point() else labels  # soft targets: their argmax
     losses = []
     for t, target in enumerate(logits):
         edges = []
         for s, source in enumerate(logits):
             if s == t:
-                per_sample = F.cross_entropy(target, labels, reduction="none")
-                source_logits = torch.eye(target.shape[1], device=target.device)[labels]  # the label as a source
+                per_sample = F.cross_entropy(target, labels, reduction="none")  # soft targets too
+                source_logits = torch.eye(target.shape[1], device=target.device)[classes]  # the label as a source
             else:
                 p_s = F.softmax(source.detach() / T, dim=1)
                 q_t = F.softmax(target / T, dim=1)
@@ -72,7 +76,7 @@ def edge_loop_loss(logits: list[torch.Tensor], labels: torch.Tensor, gates: list
             elif gate == "linear":
                 edge = per_sample.mean() * progress
             else:  # correct: keep the samples the source gets right, divide by the whole batch
-                mask = (source_logits.argmax(dim=1) == labels).to(per_sample.dtype)
+                mask = (source_logits.argmax(dim=1) == classes).to(per_sample.dtype)
                 edge = (per_sample * mask).mean()
             edges.append(edge)
         losses.append(torch.stack(edges).sum())
@@ -182,6 +186,7 @@ class Row:
     B: int
     C: int
     gates: str
+    labels: str = "int"                         # "soft": float [B, C] target probabilities
     times: dict = field(default_factory=dict)   # variant -> seconds
     floor: float = 0.0
     floor_parts: tuple = ()
@@ -199,13 +204,15 @@ def mixed_gates(M: int) -> list[list[str]]:
 
 
 def run_row(device: torch.device, M: int, B: int, C: int, gates_kind: str, args, machine: Machine,
-            compile_this: bool) -> Row:
+            compile_this: bool, labels: str = "int") -> Row:
     dtype = DTYPES[args.dtype]
     gates = [["through"] * M for _ in range(M)] if gates_kind == "through" else mixed_gates(M)
     T, progress = args.temperature, 0.5
     gen = torch.Generator(device=device).manual_seed(M * 1000 + B + C)
     z = (torch.randn(M, B, C, generator=gen, device=device) * 2).to(dtype).requires_grad_(True)
-    y = torch.randint(C, (B,), generator=gen, device=device)
+    y = y_int = torch.randint(C, (B,), generator=gen, device=device)
+    if labels == "soft":  # smoothed, mixed targets as timm's Mixup gives them
+        y = (torch.randn(B, C, generator=gen, device=device) * 2).softmax(dim=1)
     parts = [zn.detach().clone().requires_grad_(True) for zn in z]  # separate networks' outputs
 
     def reset():
@@ -213,10 +220,10 @@ def run_row(device: torch.device, M: int, B: int, C: int, gates_kind: str, args,
         for p in parts:
             p.grad = None
 
-    def stepper(fn, inputs):
+    def stepper(fn, inputs, targets=y):
         def step():
             reset()
-            fn(inputs, y).sum().backward()
+            fn(inputs, targets).sum().backward()
         return step
 
     fns = {
@@ -224,7 +231,7 @@ def run_row(device: torch.device, M: int, B: int, C: int, gates_kind: str, args,
         "reference": (lambda zz, yy: ktg_loss_reference(zz, yy, gates, temperature=T, progress=progress), z),
         "fused": (lambda zz, yy: ktg_loss(zz, yy, gates, temperature=T, progress=progress), z),
     }
-    row = Row(device.type, M, B, C, gates_kind)
+    row = Row(device.type, M, B, C, gates_kind, labels)
     if compile_this:
         torch.compiler.reset()
         compiled = torch.compile(fns["reference"][0], dynamic=False)
@@ -234,6 +241,8 @@ def run_row(device: torch.device, M: int, B: int, C: int, gates_kind: str, args,
         fns["compiled"] = (compiled, z)
 
     steps = {name: stepper(*fns[name]) for name in VARIANTS if name in fns}
+    if labels == "soft":
+        steps["fused int"] = stepper(*fns["fused"], targets=y_int)
     row.times = time_side_by_side(steps, device, args.repeats, args.budget, STATS[args.stat])
     row.floor, *floor_parts = machine.floor(M, B, C, z.element_size(), T, device)
     row.floor_parts = tuple(floor_parts)
@@ -319,6 +328,14 @@ def judge(row: Row, args) -> None:
     shape = (row.M, row.B, row.C)
     if row.device == "cpu" and args.threads != 2:
         return
+    if row.labels == "soft":
+        if row.device == "cpu" and shape == (7, 128, 100):
+            extra = t["fused"] / t["fused int"] - 1
+            row.bars.append((f"cpu M=7 B=128 C=100: soft targets add ≤ 15 % to the fused forward + backward "
+                             f"(got {extra * 100:+.1f} %)", extra <= 0.15))
+            ratio = t["loop"] / t["fused"]
+            row.bars.append((f"cpu M=7 B=128 C=100, soft targets: fused ≥ 30× loop (got {ratio:.1f}×)", ratio >= 30))
+        return
     if shape == (7, 128, 100):
         want = 30 if row.device == "cpu" else 20
         ratio = t["loop"] / t["fused"]
@@ -351,16 +368,18 @@ def ratio(a: float | None, b: float | None) -> str:
 
 
 def table(rows: list[Row]) -> str:
-    head = ("| device | M | B | C | gates | loop ms | reference ms | compiled ms | fused ms | "
-            "loop/fused | ref/fused | compiled/fused | floor ms | fused/floor |")
+    head = ("| device | M | B | C | gates | labels | loop ms | reference ms | compiled ms | fused ms | "
+            "loop/fused | ref/fused | compiled/fused | floor ms | fused/floor | soft/int |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         t = r.times
         lines.append(
-            f"| {r.device} | {r.M} | {r.B} | {r.C} | {r.gates} | {ms(t.get('loop'))} | {ms(t.get('reference'))} | "
+            f"| {r.device} | {r.M} | {r.B} | {r.C} | {r.gates} | {r.labels} | {ms(t.get('loop'))} | "
+            f"{ms(t.get('reference'))} | "
             f"{ms(t.get('compiled'))} | {ms(t.get('fused'))} | {ratio(t.get('loop'), t.get('fused'))} | "
             f"{ratio(t.get('reference'), t.get('fused'))} | {ratio(t.get('compiled'), t.get('fused'))} | "
-            f"{ms(r.floor)} | {ratio(t.get('fused'), r.floor)} |")
+            f"{ms(r.floor)} | {ratio(t.get('fused'), r.floor)} | "
+            f"{'—' if 'fused int' not in t else format(t['fused'] / t['fused int'], '.3f')} |")
     return "\n".join(lines)
 
 
@@ -420,7 +439,8 @@ def shapes_for(device: str, quick: bool) -> list[tuple[int, int, int, str]]:
     if quick:
         sweep = [(2, 64, 10), (5, 256, 1000)]
     shapes = list(dict.fromkeys(BAR_SHAPES[device] + sweep))  # bars first, no duplicates
-    return [(M, B, C, "through") for M, B, C in shapes] + [(7, 128, 100, "mixed")]
+    return ([(M, B, C, "through", "int") for M, B, C in shapes] + [(7, 128, 100, "mixed", "int")]
+            + [(7, 128, 100, "through", "soft"), (7, 128, 100, "mixed", "soft")])
 
 
 def main(argv=None) -> int:
@@ -439,10 +459,10 @@ def main(argv=None) -> int:
     overhead = {dev: run_overhead(torch.device(dev), args) for dev in devices}
     jobs = [(dev, shape) for dev in devices for shape in shapes_for(dev, args.quick)]
     rows = []
-    for dev, (M, B, C, gates_kind) in tqdm(jobs, desc="bench", unit="shape", file=sys.stderr):
-        is_bar = (M, B, C) in BAR_SHAPES[dev] and gates_kind == "through"
+    for dev, (M, B, C, gates_kind, labels) in tqdm(jobs, desc="bench", unit="shape", file=sys.stderr):
+        is_bar = (M, B, C) in BAR_SHAPES[dev] and gates_kind == "through" and labels == "int"
         compile_this = args.compile == "all" or (args.compile == "bars" and is_bar and (M, B, C) == (7, 128, 100))
-        row = run_row(torch.device(dev), M, B, C, gates_kind, args, machines[dev], compile_this)
+        row = run_row(torch.device(dev), M, B, C, gates_kind, args, machines[dev], compile_this, labels)
         judge(row, args)
         rows.append(row)
 

@@ -7,7 +7,7 @@
 #                                          # registry): wheels the device lacks + a CIFAR-10
 #                                          # subset, into .gpu_check/ (git-ignored, carried)
 #   bash benchmarks/gpu_check.sh           # THERE, through the device tool (see README):
-#                                          # unattended, about 6 minutes, under 10
+#                                          # unattended, about 7 minutes, under 10
 #
 # The device has torch, timm, accelerate, nvcc and pytest but no registry: `datasets` (for
 # bench_train's data) and its missing dependencies travel as wheels in .gpu_check/whl, and
@@ -17,7 +17,7 @@
 #
 # Environment: PYTHON (default python3), GPU_CHECK_DATA (the CIFAR-10 parquet folder for
 # `prepare`, default ../shared/data/cifar10), GPU_CHECK_BUILD_S / _TESTS_S / _LOSS_S /
-# _TRAIN_S (per-step limits in seconds), GPU_CHECK_SKIP_BUILD=1 (a rerun on a machine that
+# _TRAIN_S / _COMPILE_S (per-step limits in seconds), GPU_CHECK_SKIP_BUILD=1 (a rerun on a machine that
 # still has the build).
 set -uo pipefail
 
@@ -141,10 +141,10 @@ EOF
     else
       echo "- tests did not run (see the steps)"
     fi
-    for f in bench_loss_cuda.md bench_train_cuda.md; do
+    for f in bench_loss_cuda.md bench_train_cuda.md bench_train_cuda_compile.md; do
       [ -f "$OUTDIR/$f" ] && grep -E '^- (PASS|FAIL|SKIP|INFO):' "$OUTDIR/$f" | sed "s/\$/ ($f)/"
     done
-    for f in bench_loss_cuda.md bench_train_cuda.md; do
+    for f in bench_loss_cuda.md bench_train_cuda.md bench_train_cuda_compile.md; do
       if [ -f "$OUTDIR/$f" ]; then
         echo
         echo "## ${f%.md}"
@@ -173,6 +173,15 @@ run_on_device() {
   fi
   step "CUDA kernels load" 120 "$PY" -c "import torch, timm_dcl; k = timm_dcl.kernels_available(); \
 print(k); assert torch.cuda.is_available() and 'cuda' in k, k" || { write_report; return 1; }
+  # The first lent GPU (torch 2.11) segfaulted where the op raises a C++ error; this step says
+  # in one line whether an error still reaches Python as an exception.
+  step "a C++ error reaches Python (IndexError for label -1)" 60 "$PY" -c "import torch, timm_dcl
+try:
+    timm_dcl.ktg_loss(torch.randn(3, 4, 5), torch.tensor([0, -1, 2, 1]), [['through'] * 3] * 3)
+except IndexError as e:
+    print('raised:', str(e).splitlines()[0])
+else:
+    raise SystemExit('no error raised')"
   # Under pytest-xdist (where the device has it) a test that crashes the process fails alone
   # instead of ending the run: the first lent GPU lost every later test to one segfault.
   local xdist=()
@@ -186,6 +195,10 @@ print(k); assert torch.cuda.is_available() and 'cuda' in k, k" || { write_report
   [ -f "$data/train.parquet" ] || data="$ROOT/../shared/data/cifar10"
   step "bench_train.py --device cuda --quick" "${GPU_CHECK_TRAIN_S:-130}" \
     "$PY" benchmarks/bench_train.py --device cuda --quick --data-dir "$data" --output "$OUTDIR/bench_train_cuda.md"
+  # The launch-bound step of the first check: the same benchmark with the whole step compiled.
+  step "bench_train.py --device cuda --quick --compile" "${GPU_CHECK_COMPILE_S:-200}" \
+    "$PY" benchmarks/bench_train.py --device cuda --quick --compile --cudnn-benchmark --data-dir "$data" \
+    --output "$OUTDIR/bench_train_cuda_compile.md"
   write_report
   echo "report: $REPORT"
   for s in "${STEPS[@]}"; do [[ "$s" == *"|PASS|"* ]] || return 1; done

@@ -59,7 +59,8 @@ template <class S, class A>
 struct ForwardArgs {
   NodeRows<S> z;
   const S* limit[kMaxNodes];  // end of each node's storage (see CpuKernel::load)
-  const int64_t* y;
+  const int64_t* y;  // [B]; soft targets: their classes where a correct gate reads them, else null
+  const A* soft;     // [B, C] target probabilities, or null (integer labels)
   int64_t B, C;
   const Plan* plan;
   A* stats;       // [M, B, kStatCols]
@@ -73,6 +74,7 @@ struct BackwardArgs {
   NodeRows<S> z;
   const S* limit[kMaxNodes];
   const int64_t* y;
+  const A* soft;  // [B, C] target probabilities, or null (integer labels)
   const A* stats;
   int64_t B, C;
   const Plan* plan;
@@ -109,6 +111,47 @@ struct CpuKernel {
     return load_part<S, A, W>(p + k.c, k.rem, pad);
   }
   KTG_HD static bool masked(const Chunk& k) { return k.skip != 0 || k.rem != L; }
+
+  // One chunk of a soft target row (contiguous, the accumulation dtype); lanes past the
+  // row are 0. The moved-back last chunk's repeated lanes are not masked here.
+  KTG_HD static V load_target(const A* y, const Chunk& k) {
+    if (k.rem == L) return load_full<A, A, W>(y + k.c);
+    return load_part<A, A, W>(y + k.c, k.rem, A(0));
+  }
+
+  // Σ_c y_c, each class once.
+  KTG_HD static A target_sum(const A* y, int64_t C) {
+    V acc(A(0)), tot(A(0));
+    int blocked = 0;
+    for_chunks<L>(C, [&](const Chunk& k) KTG_LAMBDA_INLINE {
+      V yv = load_target(y, k);
+      if (k.skip) yv = yv * lane_mask<A, W>(k.skip, k.rem);
+      acc += yv;
+      if (++blocked == kCascade) {
+        tot += acc;
+        acc = V(A(0));
+        blocked = 0;
+      }
+    });
+    return hsum(tot + acc);
+  }
+
+  // The label edge against soft targets, −Σ_c y_c log softmax(z)_c (ktg_loss.h).
+  KTG_HD static A soft_label_ce(const S* z, const S* limit, const A* y, int64_t C, const NodeStat<A>& st) {
+    V acc(A(0)), tot(A(0));
+    int blocked = 0;
+    for_chunks<L>(C, [&](const Chunk& k) KTG_LAMBDA_INLINE {
+      V yv = load_target(y, k);
+      if (k.skip) yv = yv * lane_mask<A, W>(k.skip, k.rem);
+      acc += soft_ce_term(st, load(z, k, st.mx, limit), yv);  // padding: y = 0
+      if (++blocked == kCascade) {
+        tot += acc;
+        acc = V(A(0));
+        blocked = 0;
+      }
+    });
+    return hsum(tot + acc);
+  }
 
   // Per-thread scratch holding exp(u/T) of the current sample, so the forward's
   // knowledge-edge pass multiplies instead of calling exp again. nullptr: not cached
@@ -366,7 +409,8 @@ struct CpuKernel {
     V Dv[kMaxEdges], Dt[kMaxEdges];
     V u[kMaxNodes], pT[kMaxNodes];
     for (int64_t b = b0; b < b1; ++b) {
-      const int64_t yb = a.y[b];
+      // -2: no class (soft targets and no correct gate); an argmax is never below -1.
+      const int64_t yb = a.y ? a.y[b] : -2;
       for (int n = 0; n < M; ++n) {
         int64_t arg = -1;
         raw[n] = sums_of(a.z.row(n, b), a.limit[n], C, plan, mode,
@@ -375,8 +419,15 @@ struct CpuKernel {
       }
       finalize_nodes(plan, all, raw, st, r1, rT);
       for (int n = 0; n < M; ++n) store_stat(a.stats, B, n, b, st[n], correct[n]);
-      for (int t = 0; t < M; ++t) {
-        if (has_bit(plan.label_mask, t)) ce[t] = label_ce(st[t], static_cast<A>(a.z.row(t, b)[yb]));
+      if (a.soft) {
+        const A* yrow = a.soft + b * C;
+        for (int t = 0; t < M; ++t) {
+          if (has_bit(plan.label_mask, t)) ce[t] = soft_label_ce(a.z.row(t, b), a.limit[t], yrow, C, st[t]);
+        }
+      } else {
+        for (int t = 0; t < M; ++t) {
+          if (has_bit(plan.label_mask, t)) ce[t] = label_ce(st[t], static_cast<A>(a.z.row(t, b)[yb]));
+        }
       }
       if (E > 0 && cache.eT) {
         edge_sums_by_source(a, cache, b, st, rT, D);
@@ -428,7 +479,7 @@ struct CpuKernel {
     for (int t = 0; t < M; ++t) any_correct |= plan.correct_in[t] != 0;
     V u[kMaxNodes], pT[kMaxNodes], p1[kMaxNodes], g[kMaxNodes];
     for (int64_t b = b0; b < b1; ++b) {
-      const int64_t yb = a.y[b];
+      const int64_t yb = a.soft ? 0 : a.y[b];
       for (int n = 0; n < M; ++n) {
         correct[n] = a.stats[(n * B + b) * kStatCols + kStatCorrect];
         if (!has_bit(needed, n)) continue;
@@ -448,10 +499,18 @@ struct CpuKernel {
           }
         }
       }
+      const A* yrow = a.soft ? a.soft + b * C : nullptr;
+      A inv_ysum = A(1);
+      if (yrow && plan.label_mask) {  // the label weight times Σy, delta = y / Σy (ktg_loss.h)
+        const A ysum = target_sum(yrow, C);
+        inv_ysum = inverse_target_sum(ysum);
+        for (int t = 0; t < M; ++t) coef.label_w[t] = base.label_w[t] * ysum;
+      }
       for_chunks<L>(C, [&](const Chunk& k) KTG_LAMBDA_INLINE {
         load_shifted(a.z, a.limit, b, k, plan, needed, st, u);
         class_probs<MAXM>(plan, st, sq, u, kd_nodes, plan.label_mask, pT, p1);
-        const V delta(iota + static_cast<Int>(k.c) == static_cast<Int>(yb) ? R{} + A(1) : R{});
+        const V delta = yrow ? load_target(yrow, k) * inv_ysum
+                             : V(iota + static_cast<Int>(k.c) == static_cast<Int>(yb) ? R{} + A(1) : R{});
         class_grads_edges<MAXM>(plan, coef, pT, p1, delta, g);
         for (int t = 0; t < M; ++t) {
           if (!has_bit(plan.target_mask, t)) continue;
@@ -606,9 +665,10 @@ std::tuple<at::Tensor, at::Tensor> ktg_loss_forward_cpu(at::TensorList logits,
                                                         double progress,
                                                         const std::optional<at::Tensor>& progress_tensor) {
   const char* op = "timm_dcl::ktg_loss_forward";
-  const Call call = prepare_call(logits, labels_in, gates, temperature, progress, progress_tensor, op);
+  Call call = prepare_call(logits, labels_in, gates, temperature, progress, progress_tensor, op);
+  soft_target_classes(call);
   const int64_t M = call.M, B = call.B, C = call.C;
-  check_label_range(call.labels, C, op);
+  if (!call.soft) check_label_range(call.labels, C, op);
   const at::Tensor& z0 = logits_of(logits);
   const Progress prog = resolve_progress(progress, progress_tensor, z0.device());
   const auto acc_opts = z0.options().dtype(accumulate_type(z0.scalar_type()));
@@ -617,7 +677,7 @@ std::tuple<at::Tensor, at::Tensor> ktg_loss_forward_cpu(at::TensorList logits,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z0.scalar_type(), "ktg_loss_forward_cpu", [&] {
     using acc_t = acc_of<scalar_t>;
     acc_t* ps = thread_buffer<acc_t, 0>(B * M);
-    ForwardArgs<scalar_t, acc_t> args{call.node_rows<scalar_t>(), {}, call.labels.const_data_ptr<int64_t>(),
+    ForwardArgs<scalar_t, acc_t> args{call.node_rows<scalar_t>(), {}, call.label_ptr(), call.target_ptr<acc_t>(),
                                       B, C, &call.plan, stats.mutable_data_ptr<acc_t>(), ps,
                                       prog.load<acc_t>()};
     row_limits(call, args.limit);
@@ -649,7 +709,7 @@ std::vector<at::Tensor> ktg_loss_backward_cpu(const at::Tensor& grad_losses_in, 
   const at::Tensor& z0 = logits_of(logits);
   check_backward_extras(call, grad_losses_in, stats_in, z0.scalar_type(), z0.device(), op);
   const int64_t M = call.M, B = call.B, C = call.C;
-  check_label_range(call.labels, C, op);
+  if (!call.soft) check_label_range(call.labels, C, op);
   const Progress prog = resolve_progress(progress, progress_tensor, z0.device());
   const auto acc = accumulate_type(z0.scalar_type());
   // Read in place with its stride (the backward of losses.sum() hands over a stride-0 view).
@@ -660,7 +720,7 @@ std::vector<at::Tensor> ktg_loss_backward_cpu(const at::Tensor& grad_losses_in, 
     using acc_t = acc_of<scalar_t>;
     BackwardArgs<scalar_t, acc_t> args{
         StridedVec<acc_t>{grad_losses.const_data_ptr<acc_t>(), grad_losses.stride(0)},
-        call.node_rows<scalar_t>(), {}, call.labels.const_data_ptr<int64_t>(), stats.const_data_ptr<acc_t>(),
+        call.node_rows<scalar_t>(), {}, call.label_ptr(), call.target_ptr<acc_t>(), stats.const_data_ptr<acc_t>(),
         B, C, &call.plan, grad_rows<scalar_t>(call, grads), prog.load<acc_t>()};
     row_limits(call, args.limit);
     const int64_t grain = grain_size(M, C);

@@ -502,6 +502,20 @@ KTG_HD void sample_losses(const Plan& plan, const NodeStat<A>* st, const A* ce, 
 template <class A>
 KTG_HD A label_ce(const NodeStat<A>& st, A z_label) { return (st.mx - z_label) + st.ls1; }
 
+// Soft targets (y_c: target probabilities, what mixup and label smoothing give). The label
+// edge is −Σ_c y_c log softmax(z)_c = Σ_c y_c · ((mx − z_c) + ls1): one class's term is the
+// integer label's label_ce, so a one-hot y gives that value exactly (the other terms are
+// exact zeros). Its gradient is (Σ_c y_c)·softmax(z) − y, which class_grads computes
+// unchanged with the label weight scaled by Σy and delta = y / Σy (both exact when Σy = 1).
+template <class V, class A>
+KTG_HD V soft_ce_term(const NodeStat<A>& st, const V& z, const V& y) {
+  return y * ((V(st.mx) - z) + V(st.ls1));
+}
+
+// 1/Σy, or 0 for an all-zero target (its loss and label gradient are then 0, not NaN).
+template <class A>
+KTG_HD A inverse_target_sum(A ysum) { return ysum != A(0) ? A(1) / ysum : A(0); }
+
 }  // namespace ktg
 
 // ---------------------------------------------------------------------------------
@@ -522,7 +536,18 @@ struct Call {
   int64_t M, B, C;
   bool stacked;                         // logits came as one [M, B, C] tensor
   std::vector<at::Tensor> rows;         // what NodeRows points into (copies where needed)
-  at::Tensor labels;                    // int64 [B], contiguous
+  at::Tensor labels;                    // int64 [B], contiguous; soft targets: their argmax
+                                        // where a correct gate reads it (see soft_target_classes),
+                                        // else undefined
+  bool soft = false;                    // labels came as target probabilities [B, C]
+  at::Tensor targets;                   // soft: [B, C] in the accumulation dtype, contiguous
+  const int64_t* label_ptr() const {
+    return labels.defined() ? labels.const_data_ptr<int64_t>() : nullptr;
+  }
+  template <class A>
+  const A* target_ptr() const {
+    return soft ? targets.const_data_ptr<A>() : nullptr;
+  }
   int64_t row_stride[kMaxNodes];
   int64_t node_offset[kMaxNodes];       // elements from rows[0 or n] to node n's data
   template <class S>
@@ -544,6 +569,16 @@ struct Call {
 Call prepare_call(at::TensorList logits, const at::Tensor& labels, c10::IntArrayRef gates,
                   double temperature, double progress,
                   const std::optional<at::Tensor>& progress_tensor, const char* op);
+
+// Soft targets: the class of each sample (argmax of its target, ties to the lowest class)
+// into call.labels, where a correct gate needs it (the forward's correct flags); a no-op
+// for integer labels and for graphs without correct gates.
+void soft_target_classes(Call& call);
+
+// What the autograd node keeps of the validated labels and passes to both kernels: the
+// int64 labels, or the soft targets in the accumulation dtype (so no kernel converts them
+// again).
+inline const at::Tensor& kernel_labels(const Call& call) { return call.soft ? call.targets : call.labels; }
 
 // The gradient buffers of a call (one [M, B, C] tensor, or M tensors [B, C]) and their rows.
 std::vector<at::Tensor> make_grads(const Call& call, const at::TensorOptions& options);

@@ -190,9 +190,47 @@ __device__ __forceinline__ void edge_sums_by_source(const NodeRows<S>& z, int64_
   }
 }
 
+// The label edge of every labelled node against soft targets (ktg_loss.h, soft_ce_term),
+// into s_ce[t]; every thread of the block must call it, after sample_statistics.
+template <class S, class A, int MAXM>
+__device__ __forceinline__ void soft_label_ces(const NodeRows<S>& z, const A* __restrict__ y, int64_t C, int64_t b,
+                                               const Plan& plan, const NodeStat<A>* s_st,
+                                               A (*s_red)[MAXM], A* s_ce) {
+  const int M = plan.M;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  A acc[MAXM];
+#pragma unroll
+  for (int t = 0; t < MAXM; ++t) acc[t] = A(0);
+  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
+    const A yc = y[b * C + c];
+#pragma unroll
+    for (int t = 0; t < MAXM; ++t) {
+      if (t < M && has_bit(plan.label_mask, t)) {
+        acc[t] += soft_ce_term(s_st[t], static_cast<A>(z.row(t, b)[c]), yc);
+      }
+    }
+  }
+#pragma unroll
+  for (int t = 0; t < MAXM; ++t) {
+    if (t < M && has_bit(plan.label_mask, t)) {
+      const A v = warp_sum(acc[t]);
+      if (lane == 0) s_red[warp][t] = v;
+    }
+  }
+  __syncthreads();
+  const int t = threadIdx.x;
+  if (t < M && has_bit(plan.label_mask, t)) {
+    A total = s_red[0][t];
+    for (int w = 1; w < nwarps; ++w) total += s_red[w][t];
+    s_ce[t] = total;
+  }
+  __syncthreads();
+}
+
 template <class S, class A, int MAXM>
 __global__ void __launch_bounds__(kMaxThreads)
-ktg_forward_kernel(const NodeRows<S> z, const int64_t* __restrict__ labels, int64_t B, int64_t C,
+ktg_forward_kernel(const NodeRows<S> z, const int64_t* __restrict__ labels, const A* __restrict__ soft,
+                   int64_t B, int64_t C,
                    const Plan plan, const Progress progress, A* __restrict__ stats,
                    A* __restrict__ partial, unsigned int* __restrict__ ticket, A* __restrict__ losses) {
   __shared__ RunningLse<A> s_lse[kMaxWarps][MAXM];
@@ -202,13 +240,17 @@ ktg_forward_kernel(const NodeRows<S> z, const int64_t* __restrict__ labels, int6
   __shared__ A s_red[kMaxWarps][MAXM * MAXM];
   __shared__ A s_D[MAXM * MAXM];
   __shared__ double s_sum[kMaxWarps];
+  __shared__ A s_ce_red[kMaxWarps][MAXM];
+  __shared__ A s_ce[MAXM];
   __shared__ bool s_last;
 
   const int M = plan.M;
   const int64_t b = blockIdx.x;
   const int nwarps = blockDim.x >> 5;
-  const int64_t y = labels[b];
-  const bool label_ok = y >= 0 && y < C;
+  // Soft targets: the class is their argmax where a correct gate reads it (else none, -2);
+  // there is no index to go out of range.
+  const int64_t y = labels ? labels[b] : -2;
+  const bool label_ok = soft || (y >= 0 && y < C);
 
   // 1. statistics of every node, kept for the backward
   sample_statistics<S, A, MAXM>(z, C, b, plan, s_lse, s_st, s_arg);
@@ -218,6 +260,7 @@ ktg_forward_kernel(const NodeRows<S> z, const int64_t* __restrict__ labels, int6
     s_correct[n] = correct;
     store_stat(stats, B, n, b, s_st[n], correct);
   }
+  if (soft && plan.label_mask) soft_label_ces<S, A, MAXM>(z, soft, C, b, plan, s_st, s_ce_red, s_ce);
 
   // 2. Σ_c p_s,c (u_s,c − u_t,c) for the open knowledge edges
   if (plan.source_mask) {
@@ -243,7 +286,7 @@ ktg_forward_kernel(const NodeRows<S> z, const int64_t* __restrict__ labels, int6
     A ce[MAXM], out[MAXM];
     for (int t = 0; t < M; ++t) {
       if (has_bit(plan.label_mask, t)) {
-        ce[t] = label_ok ? label_ce(s_st[t], static_cast<A>(z.row(t, b)[y])) : quiet_nan<A>();
+        ce[t] = soft ? s_ce[t] : label_ok ? label_ce(s_st[t], static_cast<A>(z.row(t, b)[y])) : quiet_nan<A>();
       }
     }
     sample_losses<MAXM>(plan, s_st, ce, s_D, s_correct, label_ok, progress.load<A>(), out);
@@ -266,16 +309,25 @@ ktg_forward_kernel(const NodeRows<S> z, const int64_t* __restrict__ labels, int6
 template <class S, class A, int MAXM>
 __global__ void __launch_bounds__(kMaxThreads)
 ktg_backward_kernel(const StridedVec<A> grad_losses, const NodeRows<S> z,
-                    const int64_t* __restrict__ labels, const A* __restrict__ stats, int64_t B,
+                    const int64_t* __restrict__ labels, const A* __restrict__ soft, const A* __restrict__ stats, int64_t B,
                     int64_t C, const Plan plan, const Progress progress, const GradRows<S> grad) {
   __shared__ NodeStat<A> s_st[MAXM];
   __shared__ A s_sq[MAXM];
   __shared__ SampleCoef<A, MAXM> s_coef;
+  __shared__ A s_red[kMaxWarps];
+  __shared__ A s_inv_ysum;
 
   const int M = plan.M;
   const int64_t b = blockIdx.x;
-  const int64_t y = labels[b];
-  const bool label_ok = y >= 0 && y < C;
+  const int64_t y = soft ? 0 : labels[b];
+  const bool label_ok = soft || (y >= 0 && y < C);
+  const A* yrow = soft ? soft + b * C : nullptr;
+  A ysum = A(1);
+  if (yrow && plan.label_mask) {  // the label weight times Σy, delta = y / Σy (ktg_loss.h)
+    A part = A(0);
+    for (int64_t c = threadIdx.x; c < C; c += blockDim.x) part += yrow[c];
+    ysum = block_sum(part, s_red);  // valid in thread 0, which alone uses it
+  }
   const uint32_t kd_nodes = plan.source_mask | plan.kd_target_mask;
   const uint32_t needed = plan.target_mask | plan.source_mask;
 
@@ -289,6 +341,8 @@ ktg_backward_kernel(const StridedVec<A> grad_losses, const NodeRows<S> z,
     for (int n = 0; n < M; ++n) correct[n] = stats[(n * B + b) * kStatCols + kStatCorrect];
     make_coefficients<MAXM>(plan, correct, grad_losses, A(1) / static_cast<A>(B), progress.load<A>(),
                             s_coef);
+    for (int t = 0; t < M; ++t) s_coef.label_w[t] *= ysum;
+    s_inv_ysum = inverse_target_sum(ysum);
   }
   __syncthreads();
 
@@ -300,7 +354,7 @@ ktg_backward_kernel(const StridedVec<A> grad_losses, const NodeRows<S> z,
       if (n < M && has_bit(needed, n)) u[n] = static_cast<A>(z.row(n, b)[c]) - s_st[n].mx;
     }
     class_probs<MAXM>(plan, s_st, s_sq, u, kd_nodes, plan.label_mask, pT, p1);
-    const A delta = c == y ? A(1) : A(0);
+    const A delta = yrow ? yrow[c] * s_inv_ysum : (c == y ? A(1) : A(0));
     class_grads<MAXM>(plan, s_coef, pT, p1, delta, g);
 #pragma unroll
     for (int t = 0; t < MAXM; ++t) {
@@ -337,9 +391,10 @@ std::tuple<at::Tensor, at::Tensor> ktg_loss_forward_cuda(at::TensorList logits,
                                                          double progress,
                                                          const std::optional<at::Tensor>& progress_tensor) {
   const char* op = "timm_dcl::ktg_loss_forward";
-  const Call call = prepare_call(logits, labels_in, gates, temperature, progress, progress_tensor, op);
+  Call call = prepare_call(logits, labels_in, gates, temperature, progress, progress_tensor, op);
   const at::Tensor& z0 = logits[0];
   const c10::cuda::CUDAGuard guard(z0.device());
+  soft_target_classes(call);
   const Progress prog = resolve_progress(progress, progress_tensor, z0.device());
   const int64_t M = call.M, B = call.B, C = call.C;
   const auto acc_type = accumulate_type(z0.scalar_type());
@@ -359,7 +414,7 @@ std::tuple<at::Tensor, at::Tensor> ktg_loss_forward_cuda(at::TensorList logits,
     with_max_nodes(call.plan.M, [&](auto maxm) {
       ktg_forward_kernel<scalar_t, acc_t, decltype(maxm)::value>
           <<<static_cast<unsigned>(B), threads_for(C), 0, stream>>>(
-              call.node_rows<scalar_t>(), call.labels.const_data_ptr<int64_t>(), B, C, call.plan, prog,
+              call.node_rows<scalar_t>(), call.label_ptr(), call.target_ptr<acc_t>(), B, C, call.plan, prog,
               stats.mutable_data_ptr<acc_t>(), reinterpret_cast<acc_t*>(ws), ticket,
               losses.mutable_data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -391,7 +446,7 @@ std::vector<at::Tensor> ktg_loss_backward_cuda(const at::Tensor& grad_losses_in,
       ktg_backward_kernel<scalar_t, acc_t, decltype(maxm)::value>
           <<<static_cast<unsigned>(B), threads_for(C), 0, stream>>>(
               StridedVec<acc_t>{grad_losses.const_data_ptr<acc_t>(), grad_losses.stride(0)},
-              call.node_rows<scalar_t>(), call.labels.const_data_ptr<int64_t>(), stats.const_data_ptr<acc_t>(),
+              call.node_rows<scalar_t>(), call.label_ptr(), call.target_ptr<acc_t>(), stats.const_data_ptr<acc_t>(),
               B, C, call.plan, prog, grad_rows<scalar_t>(call, grads));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });

@@ -9,6 +9,7 @@
 #include "ktg_loss.h"
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/argmax.h>
 #include <ATen/ops/empty.h>
 #include <c10/core/GradMode.h>
 #include <torch/autograd.h>
@@ -111,13 +112,25 @@ Call prepare_call(at::TensorList logits, const at::Tensor& labels, c10::IntArray
                     ": batch size and class count must be below 2^31, got B = ", B, ", C = ", C);
 
   const auto ltype = labels.scalar_type();
-  TORCH_CHECK_TYPE(!at::isFloatingType(ltype) && !at::isComplexType(ltype) && ltype != at::kBool,
-                   "labels must be an integer tensor (int64), got ", py_dtype(ltype));
-  TORCH_CHECK_VALUE(labels.dim() == 1 && labels.size(0) == B, "labels must be [B] with B = ", B,
-                    " (the logits' batch), got shape ", py_shape(labels.sizes()));
-  TORCH_CHECK_VALUE(labels.device() == first.device(), "labels are on ", labels.device(),
-                    " but logits are on ", first.device());
-  call.labels = ltype == at::kLong ? labels.contiguous() : labels.to(at::kLong).contiguous();
+  call.soft = at::isFloatingType(ltype) && labels.dim() == 2;
+  if (call.soft) {
+    // Target probabilities [B, C] (mixup, label smoothing): read in the accumulation dtype.
+    TORCH_CHECK_VALUE(labels.size(0) == B && labels.size(1) == C, "soft labels (target probabilities) must be "
+                      "[B, C] = ", py_shape({B, C}), " like the logits, got shape ", py_shape(labels.sizes()));
+    TORCH_CHECK_VALUE(labels.device() == first.device(), "labels are on ", labels.device(),
+                      " but logits are on ", first.device());
+    const auto acc = accumulate_type(first.scalar_type());
+    call.targets = ltype == acc ? labels.contiguous() : labels.to(acc).contiguous();
+  } else {
+    TORCH_CHECK_TYPE(!at::isFloatingType(ltype) && !at::isComplexType(ltype) && ltype != at::kBool,
+                     "labels must be an integer tensor (int64) [B] of classes or a floating tensor [B, C] of "
+                     "target probabilities, got ", py_dtype(ltype), " of shape ", py_shape(labels.sizes()));
+    TORCH_CHECK_VALUE(labels.dim() == 1 && labels.size(0) == B, "labels must be [B] with B = ", B,
+                      " (the logits' batch), got shape ", py_shape(labels.sizes()));
+    TORCH_CHECK_VALUE(labels.device() == first.device(), "labels are on ", labels.device(),
+                      " but logits are on ", first.device());
+    call.labels = ltype == at::kLong ? labels.contiguous() : labels.to(at::kLong).contiguous();
+  }
 
   TORCH_CHECK_VALUE(static_cast<int64_t>(gates.size()) == M * M, op, ": gates must hold M*M = ",
                     M * M, " codes (row-major, gates[t*M + s] = edge s -> t), got ", gates.size());
@@ -162,6 +175,14 @@ Call prepare_call(at::TensorList logits, const at::Tensor& labels, c10::IntArray
   }
   call.plan = make_plan(gates.data(), static_cast<int>(M), temperature);
   return call;
+}
+
+void soft_target_classes(Call& call) {
+  if (!call.soft) return;
+  bool any_correct = false;
+  for (int t = 0; t < call.plan.M; ++t) any_correct |= call.plan.correct_in[t] != 0;
+  // torch.argmax returns the first maximal index: ties go to the lowest class, as SPEC §2 says.
+  if (any_correct) call.labels = at::argmax(call.targets, 1).contiguous();
 }
 
 Progress resolve_progress(double progress, const std::optional<at::Tensor>& progress_tensor,
@@ -296,11 +317,12 @@ auto make_autograd_node() {
   }
 }
 
-// Validated labels: the kernels take int64.
+// Validated labels: int64 [B], or soft targets [B, C] in the accumulation dtype.
 at::Tensor validated_labels(at::TensorList logits, const at::Tensor& labels, c10::IntArrayRef gates,
                             double temperature, double progress,
                             const std::optional<at::Tensor>& progress_tensor) {
-  return prepare_call(logits, labels, gates, temperature, progress, progress_tensor, "timm_dcl::ktg_loss").labels;
+  return kernel_labels(
+      prepare_call(logits, labels, gates, temperature, progress, progress_tensor, "timm_dcl::ktg_loss"));
 }
 
 at::Tensor ktg_loss_autograd(at::TensorList logits, const at::Tensor& labels, c10::IntArrayRef gates,

@@ -537,6 +537,7 @@ BAD_INPUTS = {
     "negative_label": (good(labels=torch.tensor([0, -1, 2, 1])), IndexError, r"label -1\b.*outside \[0, C\)"),
     "label_equal_C": (good(labels=torch.tensor([0, 5, 2, 1])), IndexError, r"label 5\b.*outside \[0, C\)"),
     "float_labels": (good(labels=torch.tensor([0.0, 1.0, 2.0, 1.0])), TypeError, "labels must be an integer"),
+    "soft_labels_wrong_shape": (good(labels=torch.rand(4, 3)), ValueError, r"soft labels .*must be \[B, C\] = \(4, 5\)"),
     "labels_wrong_length": (good(labels=torch.tensor([0, 1, 2])), ValueError, r"labels must be \[B\] with B = 4"),
     "labels_2d": (good(labels=torch.zeros(4, 1, dtype=torch.long)), ValueError, r"labels must be \[B\]"),
     "gates_too_few_rows": (good(gates=M3[:2]), ValueError, "gates has 2 rows but the graph has 3 nodes"),

@@ -5,6 +5,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO_ROOT
 
 
@@ -17,3 +19,28 @@ def test_import_stays_free_of_datasets_and_optuna():
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result == {"heavy": [], "resnet32": True}
+
+
+def test_extension_links_the_shared_cxx_runtime():
+    # A second, static copy of the C++ runtime inside the extension made every C++ error the op
+    # raises crash the process on the lent H200 (ops/_extension.py: loaded_cxx_runtime); the
+    # library must take the runtime from the shared libstdc++ that torch runs on.
+    import shutil
+
+    import timm_dcl
+    from timm_dcl.ops._extension import JIT_NAME
+
+    assert "cpu" in timm_dcl.kernels_available()
+    libs = {line.split()[-1] for line in open("/proc/self/maps")
+            if line.rstrip().endswith(".so") and ("timm_dcl/_C." in line or JIT_NAME in line)}
+    assert len(libs) == 1, libs
+    lib = libs.pop()
+    readelf = shutil.which("readelf")
+    if readelf is None:  # binutils comes with every compiler that can build the extension
+        pytest.skip("readelf (binutils) is not installed")
+    dynamic = subprocess.run([readelf, "-d", "-W", lib], capture_output=True, text=True, check=True).stdout
+    assert "[libstdc++.so.6]" in dynamic, f"{lib} does not link the shared libstdc++"
+    symbols = subprocess.run([readelf, "--dyn-syms", "-W", lib], capture_output=True, text=True, check=True).stdout
+    defined = [line for line in symbols.splitlines()
+               if line.split() and line.split()[-1].split("@")[0] == "__cxa_throw" and " UND " not in line]
+    assert not defined, f"{lib} carries its own C++ runtime: {defined}"

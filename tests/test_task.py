@@ -235,3 +235,81 @@ def test_prepare_distributed_wraps_only_trainable_nodes(tmp_path):
         for k in node_a:
             assert torch.equal(node_a[k], node_b[k]), k
     assert not torch.equal(ranks[0]["local_grad"], ranks[1]["local_grad"])  # the ranks saw different data
+
+
+# ------------------------------------------------------------------ what main gained (issues 17, 18)
+
+
+def test_an_ema_node_gives_its_networks_ema_logits_through_an_optimiser_loop():
+    """``ema:1``: every step its logits equal a timm ModelEmaV3 of node 1 kept here, evaluated on
+    node 1's own normalisation of the batch (test_resnet: 0.5/0.5, node 0 CIFAR's), without grad;
+    ``update_ema`` after each optimiser step keeps the two equal."""
+    from timm.utils import ModelEmaV3
+
+    nets = [_net(0), _net(1, "test_resnet")]
+    ours = ModelEmaV3(copy.deepcopy(nets[1]), decay=0.7)
+    task = KTGTask([*nets, "ema:1"], [[T, T, T], [T, T, C], [C, C, C]], ema_decay=0.7, verbose=False)
+    assert task.ema_of == (None, None, 1) and task.trainable_nodes == (0, 1) and task.node_emas.indices == (1,)
+    opt = create_optimizer_v2(task.param_groups(), opt="sgd", lr=0.1)
+    task.train()
+    for k in range(1, 4):
+        pixels = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(k))
+        y = torch.randint(0, 10, (4,), generator=torch.Generator().manual_seed(k))
+        out = task(pixels, y)
+        with torch.no_grad():
+            expected = ours.module((pixels.float() / 255 - 0.5) / 0.5)
+        torch.testing.assert_close(out["logits"][2], expected, rtol=1e-4, atol=1e-5)
+        assert not out["logits"][2].requires_grad and not task.node_emas.module(1).training
+        assert out["losses"][2] == 0
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        task.update_ema(step=k)
+        ours.update(nets[1], step=k)
+    for key, v in task.node_emas.module(1).state_dict().items():
+        torch.testing.assert_close(v, ours.module.state_dict()[key], msg=key)
+    assert not torch.equal(task.node_emas.module(1).state_dict()["fc.weight"], nets[1].state_dict()["fc.weight"])
+    assert any(k.startswith("node_ema.1.") for k in task.state_dict())  # the EMAs travel with the task
+
+
+def test_from_graph_takes_an_ema_node_and_bad_ema_entries_are_clear():
+    graph = timm_dcl.Graph([timm_dcl.Node("resnet20"), timm_dcl.Node("resnet20"), timm_dcl.Node("ema", of=0)],
+                           [[T, T, T], [T, T, C], [C, C, C]])
+    task = KTGTask.from_graph(graph.to_dict(), num_classes=10, input_size=(3, 32, 32), verbose=False)
+    assert task.ema_of == (None, None, 0) and task.node_module(2) is None and task.node_emas.indices == (0,)
+    x, y = _batch(5)
+    task.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(task.node_logits(x)[2], task.node_emas.module(0)(x))
+    with pytest.raises(ValueError, match="ema:N"):
+        KTGTask([_net(0), "ema:x"], [[T, C], [C, C]])
+    with pytest.raises(ValueError, match="frozen"):  # Graph's own rule: the EMA of a network that trains
+        KTGTask([_net(0), _net(1), "ema:1"], [[T, T, T], [C, C, C], [C, C, C]])
+
+
+def test_soft_targets_reach_the_op_and_feature_edges_take_their_argmax():
+    """Float [B, C] targets (mixup, smoothing): the logit edges' losses are the op's on them, the
+    attention edges' those of their argmax."""
+    nets = [_net(0), _net(1)]
+    task = KTGTask(nets, preset="dml", feature_gates=[[C, T], [T, C]], verbose=False).train()
+    x, _ = _batch(6)
+    soft = torch.softmax(torch.randn(8, 10, generator=torch.Generator().manual_seed(6)) * 3, dim=1)
+    out = task(x, soft)
+    hard = task(x, soft.argmax(dim=1))
+    feature = out["feature_losses"]
+    torch.testing.assert_close(out["losses"] - feature.to(out["losses"].dtype),
+                               ktg_loss([z.detach() for z in out["logits"]], soft, [[T, T], [T, T]]))
+    torch.testing.assert_close(feature, hard["feature_losses"])
+    assert feature.gt(0).all()
+    assert not torch.allclose(out["losses"], hard["losses"])  # the soft targets did reach the op
+
+
+def test_pixel_stats_are_the_first_networks_normalisation_in_pixel_units():
+    nets = [_net(0), _net(1, "test_resnet")]
+    task = KTGTask(["ensemble:2+1", *nets], preset="dml", verbose=False)
+    mean, std = task.pixel_stats()  # the first network in node order: node 1, resnet20
+    torch.testing.assert_close(mean.flatten(), torch.tensor(nets[0].pretrained_cfg["mean"]) * 255)
+    torch.testing.assert_close(std.flatten(), torch.tensor(nets[0].pretrained_cfg["std"]) * 255)
+    torch.testing.assert_close(task.pixel_stats(2)[0].flatten(), torch.full((3,), 0.5 * 255))
+    with pytest.raises(ValueError, match="virtual"):
+        task.pixel_stats(0)

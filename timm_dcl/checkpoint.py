@@ -39,8 +39,12 @@ def node_weights_name(index: int, model: str) -> str:
 
 
 def save_node_weights(path: str | os.PathLike, model: nn.Module, *, model_name: str,
-                      model_kwargs: dict, num_classes: int, dataset: str | None, top1: float | None = None) -> None:
-    """A node's weights with enough metadata to check them when they are loaded again."""
+                      model_kwargs: dict, num_classes: int, dataset: str | None, top1: float | None = None,
+                      ema: nn.Module | None = None) -> None:
+    """A node's weights with enough metadata to check them when they are loaded again; ``ema``: its
+    EMA's too, as ``state_dict_ema`` (timm's key; a later load takes ``state_dict``)."""
+    extra = {} if ema is None else {
+        "state_dict_ema": {k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()}}
     atomic_save({
         "format": NODE_FORMAT,
         "model": model_name,
@@ -49,6 +53,7 @@ def save_node_weights(path: str | os.PathLike, model: nn.Module, *, model_name: 
         "dataset": dataset,
         "top1": top1,
         "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},  # NCHW, safetensors-ready
+        **extra,
     }, path)
 
 

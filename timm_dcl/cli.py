@@ -167,6 +167,20 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
                    help="NHWC memory format (default: on for CPU and mixed precision)")
     g.add_argument("--compile", action="store_true", help="torch.compile every node")
     g.add_argument("--no-progress", dest="progress_bar", action="store_false", help="no tqdm bars")
+    # issue 18: timm's train.py names and meanings (timm.utils.ModelEmaV3)
+    g.add_argument("--model-ema", action="store_true",
+                   help="keep an EMA of every trainable node's weights (timm's ModelEmaV3): metrics gain "
+                        "top1_ema, node files the EMA weights (an ema:N node keeps node N's in any case)")
+    g.add_argument("--model-ema-decay", type=float, default=0.9998, metavar="D",
+                   help="EMA decay, in [0, 1)")
+    g.add_argument("--model-ema-warmup", action="store_true",
+                   help="warm the EMA decay up over the first updates (timm's use_warmup)")
+    g.add_argument("--checkpoint-every-steps", type=int, default=None, metavar="N",
+                   help="also write checkpoints/last.pth every N training steps, mid-epoch (a --resume "
+                        "continues the epoch where it stopped); SIGTERM or SIGUSR1 always write it at the "
+                        "next step and stop the run")
+    from .timm_recipe import add_timm_recipe_args
+    add_timm_recipe_args(parser)
 
 
 def add_graph_args(parser: argparse.ArgumentParser) -> None:
@@ -174,7 +188,8 @@ def add_graph_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--node-models", default=None, metavar="A,B,...",
                    help="comma-separated timm model names, node 0 (the target) first; 'ensemble' is a "
                         "virtual node, the mean of every other network's logits ('ensemble:1+2': of nodes 1 "
-                        "and 2), that only teaches (its gate row is cutoff)")
+                        "and 2), that only teaches (its gate row is cutoff); 'ema:N' is another, the logits of "
+                        "node N's EMA (a mean teacher; see --model-ema-decay)")
     g.add_argument("--gates", default=None, metavar="ROWS",
                    help='gate matrix, rows split by ";": row t lists the gates of the edges into '
                         'node t, sources in node order, e.g. "through,cutoff;correct,through"')
@@ -311,10 +326,18 @@ def _pretrained_files(items: list[str], num_nodes: int) -> dict[int, str]:
 
 
 def _cli_node(text: str, checkpoint: Optional[str], num_nodes: int):
-    """A --node-models entry: a timm model name, ``ensemble`` or ``ensemble:1+2``."""
-    from .graph import ENSEMBLE, Node
+    """A --node-models entry: a timm model name, ``ensemble``, ``ensemble:1+2`` or ``ema:N``."""
+    from .graph import EMA, ENSEMBLE, Node
 
     name, sep, rest = text.partition(":")
+    if name.strip() == EMA:
+        if checkpoint is not None:
+            raise CliError(f"--checkpoints: {text!r} is an EMA node, which has no weights of its own")
+        try:
+            return Node(EMA, of=int(rest))
+        except ValueError:
+            raise CliError(f"--node-models {text!r}: expected ema:N, N the index of the node whose EMA it is, "
+                           "e.g. ema:0") from None
     if name.strip() != ENSEMBLE:
         return Node(text, checkpoint=checkpoint)
     if checkpoint is not None:

@@ -80,6 +80,22 @@ class TrainConfig:
     seed: int = 0
     frozen_bn: str = "eval"  # "train": frozen nodes' BatchNorm uses batch statistics, as the authors' code
     ensemble_mean: str = "logits"  # ensemble nodes: mean of logits (the authors' code) or "probs"
+    # timm's training recipe (timm_dcl/timm_recipe.py): off by default, as the paper
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    cutmix_minmax: Optional[list[float]] = None
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    mixup_mode: str = "batch"
+    mixup_off_epoch: int = 0
+    smoothing: float = 0.0
+    aa: Optional[str] = None
+    reprob: float = 0.0
+    remode: str = "pixel"
+    recount: int = 1
+    color_jitter: Optional[float] = None
+    train_interpolation: Optional[str] = None
+    grad_accum_steps: int = 1
     # runtime
     edge_stats_every: int = 10  # edge diagnostics from every N-th training batch; 0: none
     eval_every: int = 1  # evaluate every N-th epoch (and always the last)
@@ -91,6 +107,10 @@ class TrainConfig:
     log_with: Optional[str] = None  # an Accelerate tracker; None: none
     progress_bar: bool = True
     save_best: bool = True
+    model_ema: bool = False  # an EMA (timm's ModelEmaV3) of every trainable node
+    model_ema_decay: float = 0.9998
+    model_ema_warmup: bool = False
+    checkpoint_every_steps: Optional[int] = None  # last.pth every N steps mid-epoch; None: at epoch ends only
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -161,8 +181,16 @@ class TrainConfig:
             raise ValueError(f"--ensemble-mean must be logits or probs, got {self.ensemble_mean!r}")
         if isinstance(self.eval_every, bool) or not isinstance(self.eval_every, int) or self.eval_every < 1:
             raise ValueError(f"--eval-every must be an integer ≥ 1, got {self.eval_every!r}")
+        d = self.model_ema_decay
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 <= d < 1:
+            raise ValueError(f"--model-ema-decay must be a number in [0, 1), got {d!r}")
+        n = self.checkpoint_every_steps
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ValueError(f"--checkpoint-every-steps must be an integer ≥ 1, got {n!r}")
         if int(self.edge_stats_every) < 0:
             raise ValueError(f"--edge-stats-every must be ≥ 0 (0: no edge diagnostics), got {self.edge_stats_every}")
+        from .timm_recipe import check_timm_recipe
+        check_timm_recipe(self)
 
     @property
     def requested_input_size(self) -> Optional[tuple[int, int, int]]:
@@ -241,7 +269,9 @@ RECIPE_FIELDS = ("train_subset", "val_size", "img_size", "input_size", "crop_pct
                  "opt", "lr", "momentum", "nesterov", "weight_decay", "opt_filter_bias_bn", "clip_grad", "clip_mode",
                  "sched", "sched_on_updates", "decay_milestones", "decay_epochs", "decay_rate", "warmup_epochs",
                  "warmup_lr", "min_lr", "seed", "recipe", "drop_last", "frozen_bn",
-                 "ensemble_mean")
+                 "ensemble_mean", "model_ema_decay", "model_ema_warmup", "mixup", "cutmix", "cutmix_minmax", "mixup_prob",
+                 "mixup_switch_prob", "mixup_mode", "mixup_off_epoch", "smoothing", "aa", "reprob", "remode", "recount",
+                 "color_jitter", "train_interpolation", "grad_accum_steps")
 
 
 # The flags: defined in timm_dcl.cli, importable from here as they always were.

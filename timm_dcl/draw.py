@@ -104,18 +104,20 @@ def draw_graph(
             fill, edge, lw = _NODE_FILL, _NODE_EDGE, 1.4
         # an ensemble has no weights of its own: drawn with a dotted outline
         circle = Circle(pos[i], node_r, facecolor=fill, edgecolor=edge, linewidth=lw,
-                        linestyle=(0, (1, 1.5)) if node.is_ensemble else (0, (3, 1.5)) if node.frozen else "solid",
+                        linestyle=(0, (1, 1.5)) if node.is_virtual else (0, (3, 1.5)) if node.frozen else "solid",
                         zorder=3)
         ax.add_patch(circle)
         circles.append(circle)
         text, size = _node_text(i, node.model)
         if node.is_ensemble:
             text += "\nof " + "+".join(map(str, graph.ensemble_members(i)))
+        elif node.is_ema:
+            text += f"\nof {node.of}"
         x, y = pos[i]
         ax.text(x, y + 0.03, text, ha="center", va="center", fontsize=size, zorder=4,
                 fontweight="bold" if i == 0 else "normal", color="#1a1a1a", linespacing=1.15)
         role = "target" if i == 0 else ("frozen" if node.frozen else None)
-        if node.is_ensemble:
+        if node.is_virtual:
             role = "target, virtual" if i == 0 else "virtual"
         if role:
             ax.text(x, y - 0.17, role, ha="center", va="center", fontsize=6.8, zorder=4,
@@ -176,6 +178,9 @@ def draw_graph(
     if graph.ensemble_nodes:
         handles.append(Patch(facecolor=_NODE_FILL, edgecolor=_NODE_EDGE, linestyle=(0, (1, 1.5)),
                              label="ensemble (mean of its members)"))
+    if graph.ema_nodes:
+        handles.append(Patch(facecolor=_NODE_FILL, edgecolor=_NODE_EDGE, linestyle=(0, (1, 1.5)),
+                             label="ema (EMA of its node's weights)"))
     fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=8, frameon=False,
                title="edge s → t by gate (cutoff edges not drawn)", title_fontsize=8,
                bbox_to_anchor=(0.5, 0.05 / fig_h))

@@ -15,6 +15,11 @@ are the mean of its members' logits (``members``: node indices, or None for ever
 node). It only teaches: its gate row must be all cutoff, and it is neither frozen nor trainable.
 It may be node 0, and then node 0's top-1 is the ensemble's.
 
+EMA nodes: a node whose model is ``ema`` is virtual too; its logits are those of the
+exponential moving average (timm's ``ModelEmaV3``) of node ``of``'s weights, on the same batch.
+It only teaches (its gate row must be all cutoff): as node 0's source it is a mean teacher.
+Node ``of`` must be a network that trains (not frozen, not virtual).
+
 Feature edges: a second M×M gate matrix, ``feature_gates`` (None: every feature edge cutoff),
 with the same four gates, for attention transfer between the outputs of stage
 ``feature_stage`` (timm's ``forward_intermediates`` index; -1 the last) of source and target,
@@ -48,9 +53,9 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
 from .gates import GATE_NAMES, Gate, decode_gates, encode_gates, parse_gates
-from .graph_node import ENSEMBLE, OPTIONAL_NODE_KEYS, Node, node_from_dict, validate_node
+from .graph_node import EMA, ENSEMBLE, OPTIONAL_NODE_KEYS, Node, node_from_dict, validate_node
 
-__all__ = ["Node", "Graph", "PRESETS", "FORMAT_VERSION", "ENSEMBLE", "DEFAULT_FEATURE_WEIGHT"]
+__all__ = ["Node", "Graph", "PRESETS", "FORMAT_VERSION", "ENSEMBLE", "EMA", "DEFAULT_FEATURE_WEIGHT"]
 
 FORMAT_VERSION = 1
 PRESETS = ("independent", "dml", "kd")
@@ -117,6 +122,8 @@ class Graph:
             where = f"nodes[{i}]"
             if node.is_ensemble:
                 self._validate_ensemble(i, node)
+            elif node.is_ema:
+                self._validate_ema(i, node)
             elif node.frozen:
                 if i == 0:
                     raise ValueError(f"{where}.frozen: node 0 is the target and can never be frozen")
@@ -158,17 +165,18 @@ class Graph:
                 raise ValueError(f"feature_gates[{t}][{t}]: the diagonal must be cutoff (a label has no features), "
                                  f"got {self.feature_gates[t][t]!r}")
         for i, node in enumerate(self.nodes):
-            if not (node.frozen or node.is_ensemble):
+            if not (node.frozen or node.is_virtual):
                 continue
-            what = "frozen (it learns nothing)" if node.frozen else "an ensemble (it learns nothing)"
+            kind = "an ensemble" if node.is_ensemble else "an EMA node"
+            what = "frozen (it learns nothing)" if node.frozen else f"{kind} (it learns nothing)"
             bad = [s for s, g in enumerate(self.feature_gates[i]) if g != _CUTOFF]
             if bad:
                 raise ValueError(f"feature_gates[{i}]: node {i} is {what}, so its feature gate row must be all "
                                  f"cutoff, but feature_gates[{i}][{bad[0]}] is {self.feature_gates[i][bad[0]]!r}")
-            if node.is_ensemble:
+            if node.is_virtual:
                 bad = [t for t in range(m) if self.feature_gates[t][i] != _CUTOFF]
                 if bad:
-                    raise ValueError(f"feature_gates[{bad[0]}][{i}]: node {i} is an ensemble, which has no features "
+                    raise ValueError(f"feature_gates[{bad[0]}][{i}]: node {i} is {kind}, which has no features "
                                      "of its own to teach with: its feature gate column must be all cutoff")
         if not self.has_feature_edges:
             self.feature_gates = None  # all cutoff is no feature edge at all: one canonical form
@@ -208,6 +216,24 @@ class Graph:
                              "non-ensemble node" if node.members is None else
                              f"{where}.members: an ensemble needs at least 1 member, got []")
 
+    def _validate_ema(self, i: int, node: Node) -> None:
+        where = f"nodes[{i}]"
+        m = len(self.nodes)
+        if node.frozen:
+            raise ValueError(f"{where}.frozen: an EMA node has no weights of its own, so it cannot be frozen")
+        bad = [s for s, g in enumerate(self.gates[i]) if g != _CUTOFF]
+        if bad:
+            raise ValueError(f"gates[{i}]: node {i} is the EMA of node {node.of} (it learns nothing), so its gate "
+                             f"row must be all cutoff, but gates[{i}][{bad[0]}] is {self.gates[i][bad[0]]!r}")
+        s = node.of
+        if not 0 <= s < m:
+            raise ValueError(f"{where}.of: node {s} is out of range (the graph has nodes 0..{m - 1})")
+        source = self.nodes[s]
+        if source.is_virtual or source.frozen:
+            what = "virtual" if source.is_virtual else "frozen"
+            raise ValueError(f"{where}.of: node {s} ({source.model}) is {what}, not a trainable node: "
+                             "an EMA node averages the weights of a network that trains")
+
     @staticmethod
     def _validate_members(i: int, node: Node, m: int, nodes: Sequence[Node]) -> None:
         where = f"nodes[{i}].members"
@@ -229,6 +255,8 @@ class Graph:
             if nodes[s].is_ensemble:
                 raise ValueError(f"{where}: node {s} is itself an ensemble; an ensemble of ensembles is not "
                                  "supported (list the networks themselves)")
+            if nodes[s].is_ema:
+                raise ValueError(f"{where}: node {s} is an EMA node; an ensemble's members are networks")
             seen.add(s)
         node.members = [int(s) for s in node.members]
 
@@ -238,8 +266,15 @@ class Graph:
         if not node.is_ensemble:
             raise ValueError(f"node {i} ({node.model}) is not an ensemble")
         if node.members is None:
-            return tuple(s for s, n in enumerate(self.nodes) if not n.is_ensemble)
+            return tuple(s for s, n in enumerate(self.nodes) if not n.is_virtual)
         return tuple(node.members)
+
+    def ema_source(self, i: int) -> int:
+        """The node whose EMA node ``i`` (an EMA node) is."""
+        node = self.nodes[i]
+        if not node.is_ema:
+            raise ValueError(f"node {i} ({node.model}) is not an EMA node")
+        return int(node.of)
 
 
     def check_models(self) -> "Graph":
@@ -249,7 +284,7 @@ class Graph:
         from . import models  # noqa: F401  (registers the CIFAR networks)
 
         for i, node in enumerate(self.nodes):
-            if node.is_ensemble:
+            if node.is_virtual:
                 continue
             if not timm.is_model(node.model):
                 close = difflib.get_close_matches(node.model, timm.list_models(), n=5, cutoff=0.6)
@@ -269,17 +304,22 @@ class Graph:
 
     @property
     def trainable_nodes(self) -> tuple[int, ...]:
-        return tuple(i for i, n in enumerate(self.nodes) if not n.frozen and not n.is_ensemble)
+        return tuple(i for i, n in enumerate(self.nodes) if not n.frozen and not n.is_virtual)
 
     @property
     def ensemble_nodes(self) -> tuple[int, ...]:
         return tuple(i for i, n in enumerate(self.nodes) if n.is_ensemble)
 
     @property
+    def ema_nodes(self) -> tuple[int, ...]:
+        return tuple(i for i, n in enumerate(self.nodes) if n.is_ema)
+
+    @property
     def reference_model(self) -> str:
         """The model that decides the input size and evaluation crop: node 0's, or, when node
-        0 is an ensemble, its first member's."""
-        return self.nodes[self.ensemble_members(0)[0] if self.nodes[0].is_ensemble else 0].model
+        0 is an ensemble, its first member's (an EMA node: its network's)."""
+        first = self.nodes[0]
+        return self.nodes[self.ensemble_members(0)[0] if first.is_ensemble else first.of if first.is_ema else 0].model
 
     @property
     def gate_codes(self) -> tuple[int, ...]:
@@ -326,8 +366,8 @@ class Graph:
                 raise ValueError("preset 'kd': node 1 (the frozen teacher) needs a checkpoint or pretrained weights")
             gates = [[_THROUGH, _THROUGH], [_CUTOFF, _CUTOFF]]
             default_t = 2.0
-        # an ensemble node learns nothing: whatever the preset opens, its row stays cutoff
-        gates = [[_CUTOFF] * m if nodes[t].is_ensemble else row for t, row in enumerate(gates)]
+        # a virtual node learns nothing: whatever the preset opens, its row stays cutoff
+        gates = [[_CUTOFF] * m if nodes[t].is_virtual else row for t, row in enumerate(gates)]
         return cls(list(nodes), gates, default_t if temperature is None else temperature)
 
     @classmethod
@@ -370,8 +410,9 @@ class Graph:
                     "model_kwargs": copy.deepcopy(n.model_kwargs),
                     "checkpoint": n.checkpoint,
                     "frozen": n.frozen,
+                    # `is`, not `in`: 0 == False, and `of: 0` or `weight_decay: 0.0` must be written
                     **{k: copy.deepcopy(getattr(n, k)) for k in OPTIONAL_NODE_KEYS
-                       if getattr(n, k) not in (None, False)},
+                       if getattr(n, k) is not None and getattr(n, k) is not False},
                 }
                 for n in self.nodes
             ],
@@ -450,6 +491,9 @@ class Graph:
             if n.is_ensemble:
                 role = "ensemble" if i else "target"
                 source = "mean of nodes " + "+".join(map(str, self.ensemble_members(i)))
+            elif n.is_ema:
+                role = "ema" if i else "target"
+                source = f"EMA of node {n.of}"
             lines.append(f"  {i:<5} {name:<{w}}  {role:<9} {source}")
         lines.append("  gates (row t = learner, column s = source, diagonal = label):")
         gw = max(len(g) for g in GATE_NAMES)

@@ -2,7 +2,8 @@
 
 A node is a timm model name with its kwargs, where its weights come from (a checkpoint,
 timm's pretrained weights or a local pretrained file) and the recipe fields it overrides;
-or a virtual ``ensemble`` node, the mean of its members' logits, with none of those.
+or a virtual node with none of those: ``ensemble``, the mean of its members' logits, or
+``ema``, the logits of an exponential moving average of node ``of``'s weights.
 :mod:`timm_dcl.graph` puts nodes together with their gates.
 """
 from __future__ import annotations
@@ -13,12 +14,13 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
-__all__ = ["Node", "ENSEMBLE", "NODE_KEYS", "OPTIONAL_NODE_KEYS", "validate_node", "node_from_dict"]
+__all__ = ["Node", "ENSEMBLE", "EMA", "NODE_KEYS", "OPTIONAL_NODE_KEYS", "validate_node", "node_from_dict"]
 
 ENSEMBLE = "ensemble"  # the model name of a virtual node: the mean of its members' logits
+EMA = "ema"  # the model name of a virtual node: the logits of node `of`'s EMA (a mean teacher)
 NODE_KEYS = ("model", "model_kwargs", "checkpoint", "frozen")
 # optional per-node keys: weights and recipe overrides, written only when set
-OPTIONAL_NODE_KEYS = ("pretrained", "pretrained_file", "lr", "opt", "weight_decay", "members")
+OPTIONAL_NODE_KEYS = ("pretrained", "pretrained_file", "lr", "opt", "weight_decay", "members", "of")
 # the trainer sets these for every node (one class count for all, no hub weights)
 _RESERVED_KWARGS = ("num_classes", "pretrained")
 
@@ -37,12 +39,23 @@ class Node:
     lr: Optional[float] = None
     opt: Optional[str] = None
     weight_decay: Optional[float] = None
-    members: Optional[list[int]] = None      # an ensemble's nodes (None: every non-ensemble node)
+    members: Optional[list[int]] = None      # an ensemble's nodes (None: every network)
+    of: Optional[int] = None                 # an EMA node's network (the node whose EMA it is)
 
     @property
     def is_ensemble(self) -> bool:
         """A virtual node: no parameters, the mean of its members' logits."""
         return self.model == ENSEMBLE
+
+    @property
+    def is_ema(self) -> bool:
+        """A virtual node: no parameters of its own, the logits of node ``of``'s EMA."""
+        return self.model == EMA
+
+    @property
+    def is_virtual(self) -> bool:
+        """Not a network: it learns nothing, has no weights file and no features."""
+        return self.is_ensemble or self.is_ema
 
     @property
     def has_weights(self) -> bool:
@@ -111,11 +124,20 @@ def validate_node(i: int, node: Node) -> None:
         setattr(node, name, float(value))
     if node.opt is not None and (not isinstance(node.opt, str) or not node.opt.strip()):
         raise TypeError(f"{where}.opt: expected an optimiser name (e.g. 'sgd', 'adamw'), got {node.opt!r}")
-    if node.is_ensemble:
+    if node.is_virtual:
         # a virtual node: nothing to load, nothing to build, nothing to optimise
+        what = "an ensemble node" if node.is_ensemble else "an EMA node"
         for key in ("model_kwargs", "checkpoint", "pretrained", "pretrained_file", "lr", "opt", "weight_decay"):
             if getattr(node, key) not in (None, False, {}):
-                raise ValueError(f"{where}.{key}: an ensemble node has no parameters, so it takes no {key}")
+                raise ValueError(f"{where}.{key}: {what} has no parameters of its own, so it takes no {key}")
+    if node.is_ema:
+        if node.of is None:
+            raise ValueError(f"{where}.of: an EMA node needs the index of the node whose EMA it is "
+                             '(graph JSON {"model": "ema", "of": N}; --node-models ema:N)')
+        if isinstance(node.of, bool) or not isinstance(node.of, int):
+            raise TypeError(f"{where}.of: expected a node index, got {node.of!r}")
+    elif node.of is not None:
+        raise ValueError(f"{where}.of: only an EMA node (model {EMA!r}) has 'of', node {i} is {node.model!r}")
 
 
 def node_from_dict(i: int, raw: Any) -> Node:

@@ -101,7 +101,7 @@ def check_models_run(graph, input_size: tuple[int, int, int]) -> None:
     x_shape = (1, *input_size)
     feature_nodes = set(graph.feature_nodes)
     for i, spec in enumerate(graph.nodes):
-        if spec.is_ensemble:
+        if spec.is_virtual:
             continue  # virtual: no model to build
         where = f"node {i} ({spec.model})"
         kwargs = model_kwargs_for(spec, input_size)

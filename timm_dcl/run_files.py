@@ -93,8 +93,11 @@ def write_summary(output: Path, history: list[dict], nodes, *, epochs: int, spli
         "nodes": [n.spec.model for n in nodes],
         "frozen": [n.frozen for n in nodes],
         # each ensemble node's members (None for a network), only when the graph has one
-        **({"ensemble_members": [list(n.members) if n.is_ensemble else None for n in nodes]}
-           if any(n.is_ensemble for n in nodes) else {}),
+        **({"ensemble_members": [list(n.members) if n.spec.is_ensemble else None for n in nodes]}
+           if any(n.spec.is_ensemble for n in nodes) else {}),
+        # each EMA node's network (None for the others), only when the graph has one
+        **({"ema_of": [n.spec.of if n.spec.is_ema else None for n in nodes]}
+           if any(n.spec.is_ema for n in nodes) else {}),
         "final_top1": last["top1"] if last else None,
         "best_top1": [best[n.index] for n in nodes],
         "final_ensemble_top1": last["ensemble_top1"] if last else None,
@@ -108,6 +111,6 @@ def write_summary(output: Path, history: list[dict], nodes, *, epochs: int, spli
         rows.append(f"{n.label:<28} {final:>11} {best[n.index]:>10.2f}")
     if last and len(nodes) > 1:
         # beside ensemble nodes, say which ensemble this is: every network's softmaxes, averaged
-        name = "all networks (softmax mean)" if any(n.is_ensemble for n in nodes) else "ensemble"
+        name = "all networks (softmax mean)" if any(n.spec.is_virtual for n in nodes) else "ensemble"
         rows.append(f"{name:<28} {last['ensemble_top1']:>11.2f}")
     printer("\n".join(rows))

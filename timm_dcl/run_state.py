@@ -95,9 +95,14 @@ class RunState:
             "history": self.history,
         }
 
-    def _save_state(self, which: str, rng: list) -> None:
+    def _save_state(self, which: str, rng: list, position: dict | None = None) -> None:
         if self.output is not None and self.accelerator.is_main_process:
-            save_torch(self._state(rng), self.output / "checkpoints" / f"{which}.pth", keep_previous=True)
+            state = self._state(rng)
+            if position is not None:  # a checkpoint in the middle of an epoch (preemption.py)
+                state["position"] = position
+            if self.emas:  # the EMAs of the nodes (ema.py)
+                state["ema"] = self.emas.state_dict()
+            save_torch(state, self.output / "checkpoints" / f"{which}.pth", keep_previous=True)
 
     def _read_resume_state(self) -> dict:
         state = _usable_checkpoint(Path(self.cfg.resume))
@@ -130,6 +135,8 @@ class RunState:
         self.epoch, self.iteration = state["epoch"], state["iteration"]
         self.best_top1, self.best_epoch = state["best"]["top1"], state["best"]["epoch"]
         self.history = list(state["history"])
+        self._epoch_position = state.get("position")
+        self._load_emas(state.get("ema"))
         self.clock = GateClock(**plan["clock"])
         self.planned_epochs = plan["epochs"]
         if plan["epochs"] != cfg.epochs:
@@ -145,7 +152,7 @@ class RunState:
 
     def _replan(self, old_epochs: int) -> None:
         cfg, acc = self.cfg, self.accelerator
-        per_epoch = len(self.train_loader)
+        per_epoch = self.accum.updates_per_epoch  # optimiser updates (--grad-accum-steps)
         if cfg.resume_schedule == "keep":
             self.scheduler = build_scheduler(self.node_optimizers, cfg, epochs=old_epochs, updates_per_epoch=per_epoch)
             acc.print(f"resume: --epochs {old_epochs} → {cfg.epochs}: keeping the original {old_epochs}-epoch "
@@ -165,7 +172,8 @@ class RunState:
                 continue
             save_node_weights(self.output / "nodes" / node_weights_name(n.index, n.spec.model), n.raw,
                               model_name=n.spec.model, model_kwargs=n.spec.model_kwargs,
-                              num_classes=self.num_classes, dataset=self.cfg.dataset, top1=top1)
+                              num_classes=self.num_classes, dataset=self.cfg.dataset, top1=top1,
+                              ema=self.emas.module(n.index) if n.index in self.emas else None)
             self._save_node_folder(n, top1)
 
     def _save_node_folder(self, n, top1) -> None:

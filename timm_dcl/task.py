@@ -10,9 +10,13 @@ What it does per step (SPEC §2-§3): every node sees the batch normalised as it
 input comes normalised for node 0, as timm's loader gives it, and is re-normalised for a node
 whose pretrained_cfg mean/std differ, as timm's ``DistillationTeacher.normalize_input`` does;
 uint8 pixels are normalised for each node from the pixels instead); frozen nodes run in eval
-mode under no_grad; ensemble nodes average their members' detached logits; the fused op gives
+mode under no_grad; ensemble nodes average their members' detached logits; an ``ema:N`` node's
+logits are node N's EMA (timm's ``ModelEmaV3``, eval mode, no grad) on node N's view of the
+batch, the EMAs being the task's (:attr:`KTGTask.node_emas`, updated by :meth:`KTGTask.update_ema`
+after each optimiser step); the fused op gives
 every node its ``L_t`` (plus its feature edges'); ``loss`` is their sum, so one backward trains
-every node by its own loss. ``progress`` (k/K, the linear gates' weight) is a 0-d buffer the
+every node by its own loss. Soft targets (float ``[B, C]``: mixup, label smoothing) go to the
+op as they are; feature edges take their argmax. ``progress`` (k/K, the linear gates' weight) is a 0-d buffer the
 caller sets: a compiled step reads it as an input and never recompiles as it moves.
 """
 from __future__ import annotations
@@ -27,7 +31,7 @@ from timm.task import TrainingTask
 
 from .features import FeatureEdgeLoss, WithFeatures
 from .gates import GATE_NAMES, Gate
-from .graph import DEFAULT_FEATURE_WEIGHT, ENSEMBLE, Graph, Node
+from .graph import DEFAULT_FEATURE_WEIGHT, EMA, ENSEMBLE, Graph, Node
 from .nodes import pretrained_stats
 from .ops import KTGLoss
 
@@ -64,6 +68,17 @@ def _ensemble_node(text: str) -> Optional[Node]:
         raise ValueError(f"models: {text!r}: expected ensemble:N+N+... with node indices, e.g. ensemble:1+2") from None
 
 
+def _ema_node(text: str) -> Optional[Node]:
+    """``ema:N`` (as --node-models takes it) as a Node, else None."""
+    name, sep, rest = text.partition(":")
+    if name.strip() != EMA:
+        return None
+    try:
+        return Node(EMA, of=int(rest))
+    except ValueError:
+        raise ValueError(f"models: {text!r}: expected ema:N with the index of the node whose EMA it is") from None
+
+
 def _model_name(model: nn.Module) -> str:
     cfg = getattr(model, "pretrained_cfg", None) or {}
     return cfg.get("architecture") or type(model).__name__
@@ -89,7 +104,8 @@ class KTGTask(TrainingTask):
         models: one entry per node, node 0 (the target) first: an ``nn.Module``, a timm model
             name (built with node 0's class count; with timm's pretrained weights when the node
             is frozen), or ``"ensemble"`` / ``"ensemble:1+2"`` (a virtual node, the mean of its
-            members' logits, as ``--node-models`` takes it).
+            members' logits, as ``--node-models`` takes it), or ``"ema:N"`` (a virtual node, the
+            logits of node N's EMA).
         gates: M×M gate names, ``gates[t][s]`` the edge from s into t (SPEC §1); or
         preset: ``dml`` (the default when neither is given), ``kd`` or ``independent``.
         temperature: T of the knowledge edges (default 1; the ``kd`` preset's 2, as ``train_dcl.py``).
@@ -101,6 +117,10 @@ class KTGTask(TrainingTask):
         channels_last: hand every node its input in NHWC.
         frozen_bn_train: frozen nodes' BatchNorm on batch statistics in ``train()`` (the
             authors' code); they still get no gradient.
+        ema_nodes: the networks that keep an EMA (timm's ``ModelEmaV3``) besides those an
+            ``ema:N`` node reads (``train_dcl.py --model-ema``: every trainable node).
+        ema_decay, ema_warmup: the EMAs' decay and timm's warm-up (``--model-ema-decay``,
+            ``--model-ema-warmup``).
 
     A node whose gate row is all cutoff (a module or a name; an ensemble excepted) is frozen:
     ``requires_grad_(False)``, kept in eval mode by :meth:`train`, run under no_grad and never
@@ -122,13 +142,17 @@ class KTGTask(TrainingTask):
             normalise: bool = True,
             channels_last: bool = False,
             frozen_bn_train: bool = False,
+            ema_nodes: Sequence[int] = (),
+            ema_decay: float = 0.9998,
+            ema_warmup: bool = False,
             device: Optional[torch.device] = None,
             dtype: Optional[torch.dtype] = None,
             verbose: bool = True,
     ):
         super().__init__(device=device, dtype=dtype, verbose=verbose)
         if isinstance(models, (str, nn.Module)) or not isinstance(models, Sequence) or not models:
-            raise TypeError("models: expected a non-empty list of nn.Modules, timm model names or 'ensemble' entries")
+            raise TypeError("models: expected a non-empty list of nn.Modules, timm model names, 'ensemble' or "
+                            "'ema:N' entries")
         if ensemble_mean not in ENSEMBLE_MEANS:
             raise ValueError(f"ensemble_mean must be one of {', '.join(ENSEMBLE_MEANS)}, got {ensemble_mean!r}")
         self.graph = graph = self._graph_of(models, gates, preset, temperature, feature_gates, feature_stage,
@@ -140,9 +164,10 @@ class KTGTask(TrainingTask):
         self.num_classes = self._class_count(models, graph, num_classes)
         self.frozen = tuple(bool(n.frozen) for n in graph.nodes)
         self.members = tuple(graph.ensemble_members(i) if n.is_ensemble else () for i, n in enumerate(graph.nodes))
+        self.ema_of = tuple(graph.ema_source(i) if n.is_ema else None for i, n in enumerate(graph.nodes))
         nets: list[Optional[nn.Module]] = []
         for i, (entry, spec) in enumerate(zip(models, graph.nodes)):
-            if spec.is_ensemble:
+            if spec.is_virtual:
                 nets.append(None)
             elif isinstance(entry, nn.Module):
                 nets.append(entry)
@@ -153,7 +178,7 @@ class KTGTask(TrainingTask):
         for i, net in enumerate(nets):
             if net is not None and self.frozen[i]:
                 net.eval().requires_grad_(False)
-        self._nets = nets  # the raw networks by node (None: an ensemble); owned through the dicts below
+        self._nets = nets  # the raw networks by node (None: a virtual node); owned through the dicts below
         # Registered once each, by node index: state_dict keys trainable_module.<i>.*, frozen_module.<i>.*.
         self.trainable_module = nn.ModuleDict({str(i): n for i, n in enumerate(nets) if n is not None
                                                and not self.frozen[i]})
@@ -169,9 +194,10 @@ class KTGTask(TrainingTask):
         self.feature_loss = (FeatureEdgeLoss(graph.feature_gate_codes, m, graph.feature_weight)
                              if graph.has_feature_edges else None)
         # Input normalisation: one (mean, std) per distinct key, the reference being node 0's
-        # (its first member's when it is an ensemble): what a timm loader for node 0 gives.
+        # (its first member's when it is an ensemble, its network's when an EMA): what a timm
+        # loader for node 0 gives.
         self.norm_keys = tuple(None if net is None else pretrained_stats(net, normalise=normalise) for net in nets)
-        ref = 0 if nets[0] is not None else self.members[0][0]
+        ref = 0 if nets[0] is not None else self.ema_of[0] if self.ema_of[0] is not None else self.members[0][0]
         self.input_key = self.norm_keys[ref]
         self._keys = list(dict.fromkeys(k for k in self.norm_keys if k is not None))
         for j, (mean, std) in enumerate(self._keys):
@@ -185,6 +211,20 @@ class KTGTask(TrainingTask):
         # k/K of the linear gates; a tensor, so that a compiled step takes a new value without
         # recompiling. float64: the op reads it at full precision.
         self.register_buffer("progress", torch.ones((), dtype=torch.float64, device=self.device), persistent=False)
+        self._setup_node_emas(ema_nodes, ema_decay, ema_warmup)
+
+    def _setup_node_emas(self, extra: Sequence[int], decay: float, warmup: bool) -> None:
+        """One ModelEmaV3 per network that keeps an EMA (ema.py's NodeEmas), of the unwrapped
+        network, so DDP and compile wrappers are not copied into it. Registered as ``node_ema``
+        too, so that ``to()`` moves the EMAs with the task and its state_dict holds them."""
+        from .ema import NodeEmas
+
+        wanted = {int(i) for i in extra} | {s for s in self.ema_of if s is not None}
+        for i in sorted(wanted):
+            if not (0 <= i < len(self._nets)) or not self.trains(i):
+                raise ValueError(f"ema_nodes: node {i} is not a network that trains, so it keeps no EMA")
+        self.node_emas = NodeEmas({i: self._nets[i] for i in sorted(wanted)}, decay=decay, warmup=warmup)
+        self.node_ema = nn.ModuleDict({str(i): ema for i, ema in self.node_emas.emas.items()})
 
     # ------------------------------------------------------------------------ construction
     @staticmethod
@@ -195,8 +235,8 @@ class KTGTask(TrainingTask):
                 return Node(_model_name(entry), checkpoint=_MODULE_WEIGHTS)
             if not isinstance(entry, str) or not entry.strip():
                 raise TypeError(f"models[{i}]: expected an nn.Module, a timm model name or 'ensemble', got {entry!r}")
-            ens = _ensemble_node(entry)
-            return ens if ens is not None else Node(entry.strip(), pretrained=frozen_name)
+            virtual = _ensemble_node(entry) or _ema_node(entry)
+            return virtual if virtual is not None else Node(entry.strip(), pretrained=frozen_name)
 
         if gates is not None and preset is not None:
             raise ValueError("give either gates or a preset, not both")
@@ -222,8 +262,10 @@ class KTGTask(TrainingTask):
     def _class_count(models, graph: Graph, num_classes: Optional[int]) -> int:
         if num_classes is not None:
             return int(num_classes)
-        first = [i for i, n in enumerate(graph.nodes) if not n.is_ensemble]
-        for i in ([0] if not graph.nodes[0].is_ensemble else list(graph.ensemble_members(0))) + first:
+        first = [i for i, n in enumerate(graph.nodes) if not n.is_virtual]
+        node0 = graph.nodes[0]
+        ref = list(graph.ensemble_members(0)) if node0.is_ensemble else [node0.of] if node0.is_ema else [0]
+        for i in ref + first:
             if isinstance(models[i], nn.Module) and isinstance(getattr(models[i], "num_classes", None), int):
                 return models[i].num_classes
         raise ValueError("num_classes: node 0 is no module with a num_classes to take it from; pass num_classes=")
@@ -234,7 +276,7 @@ class KTGTask(TrainingTask):
                    **kwargs) -> "KTGTask":
         """The task of a :class:`Graph`, a graph JSON file or its dict (``best_graph.json`` of a search).
 
-        ``models`` gives the networks (None for ensemble nodes); without it every node is built
+        ``models`` gives the networks (None for virtual nodes: ensembles, EMAs); without it every node is built
         as ``train_dcl.py`` builds it (its checkpoint, pretrained weights or file, its kwargs),
         for ``num_classes`` classes at ``input_size`` (default: node 0's pretrained_cfg)."""
         if isinstance(graph, Mapping):
@@ -250,7 +292,7 @@ class KTGTask(TrainingTask):
                 import timm
                 pc = timm.models.get_pretrained_cfg(graph.reference_model)
                 input_size = tuple(getattr(pc, "input_size", None) or (3, 224, 224))
-            models = [None if spec.is_ensemble else
+            models = [None if spec.is_virtual else
                       create_node_model(spec, i, num_classes=num_classes, input_size=input_size,
                                         log=(print if kwargs.get("verbose", True) else (lambda *_: None)))
                       for i, spec in enumerate(graph.nodes)]
@@ -260,6 +302,8 @@ class KTGTask(TrainingTask):
         for i, (spec, model) in enumerate(zip(graph.nodes, models)):
             if spec.is_ensemble:
                 entries.append(ENSEMBLE + (":" + "+".join(map(str, spec.members)) if spec.members is not None else ""))
+            elif spec.is_ema:
+                entries.append(f"{EMA}:{spec.of}")
             elif isinstance(model, nn.Module):
                 entries.append(model)
             else:
@@ -276,7 +320,7 @@ class KTGTask(TrainingTask):
         return len(self._nets)
 
     def node_module(self, index: int) -> Optional[nn.Module]:
-        """Node ``index``'s network, unwrapped (None for an ensemble node)."""
+        """Node ``index``'s network, unwrapped (None for a virtual node: an ensemble, an EMA)."""
         return self._nets[index]
 
     def train_module(self, index: int) -> Optional[nn.Module]:
@@ -286,7 +330,7 @@ class KTGTask(TrainingTask):
     def set_train_module(self, index: int, module: nn.Module) -> None:
         """Replace node ``index``'s training callable by a wrapper of it (Accelerate's prepare)."""
         if self._nets[index] is None:
-            raise ValueError(f"node {index} is an ensemble: it has no module")
+            raise ValueError(f"node {index} is virtual (an ensemble or an EMA): it has no module")
         self._train_modules[index] = module
 
     def trains(self, index: int) -> bool:
@@ -297,7 +341,7 @@ class KTGTask(TrainingTask):
         return tuple(i for i in range(self.num_nodes) if self.trains(i))
 
     def trainable_parameters(self):
-        """Every trainable node's parameters (frozen and ensemble nodes have none)."""
+        """Every trainable node's parameters (frozen and virtual nodes have none)."""
         for i in self.trainable_nodes:
             yield from self._nets[i].parameters()
 
@@ -346,7 +390,15 @@ class KTGTask(TrainingTask):
                 net.train(frozen_mode)
             else:
                 self._train_modules[i].train(mode)
+        for ema in self.node_emas.emas.values():  # evaluated as timm evaluates its EMAs, always
+            ema.eval()
         return self
+
+    def update_ema(self, step: Optional[int] = None) -> None:
+        """After an optimiser step: timm's task EMA (``setup_ema``) and every node's EMA (``node_emas``),
+        ``step`` the update count (timm's warm-up reads it)."""
+        super().update_ema(step)
+        self.node_emas.update({i: self._nets[i] for i in self.node_emas.indices}, step=step)
 
     # ------------------------------------------------------------------------ distributed, compile
     def prepare_distributed(self, device_ids: Optional[list] = None, **ddp_kwargs) -> "KTGTask":
@@ -422,6 +474,17 @@ class KTGTask(TrainingTask):
             self.set_progress(state["progress"])
 
     # ------------------------------------------------------------------------ the forward
+    def pixel_stats(self, index: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean·255, std·255), each ``[1, C, 1, 1]``, of node ``index``'s input normalisation (default:
+        the first network's, in node order): pixel-space statistics, as batch mixing needs them."""
+        if index is None:
+            index = next(i for i, net in enumerate(self._nets) if net is not None)
+        key = self.norm_keys[index]
+        if key is None:
+            raise ValueError(f"node {index} is virtual (an ensemble or an EMA): it has no input normalisation")
+        j = self._keys.index(key)
+        return getattr(self, f"_mean255_{j}"), getattr(self, f"_std255_{j}")
+
     def node_inputs(self, input: torch.Tensor) -> dict:
         """The batch as each distinct (mean, std) sees it: from uint8 pixels, each normalised once
         from the pixels; from a float input normalised as node 0 expects, re-normalised."""
@@ -445,12 +508,14 @@ class KTGTask(TrainingTask):
         """Every node's logits, in node order, and (training only) the features of the nodes in
         feature edges (None for the others). ``train=False``: every network unwrapped, no grad.
         An ensemble's logits come from its members' (detached), so the loss op sees it as one
-        more source and needs no kernel of its own."""
+        more source and needs no kernel of its own; an EMA node's from its network's EMA, on the
+        input its network sees (eval mode, no grad: its BatchNorm uses the averaged statistics)."""
         logits: list = []
         features: list = [None] * self.num_nodes
         for i, net in enumerate(self._nets):
             if net is None:
-                logits.append(None)
+                src = self.ema_of[i]
+                logits.append(None if src is None else self.node_emas.logits(src, inputs[self.norm_keys[src]]))
                 continue
             x = inputs[self.norm_keys[i]]
             if self.frozen[i] or not train:
@@ -474,14 +539,21 @@ class KTGTask(TrainingTask):
         return self.run_nodes(self.node_inputs(input), train=False)[0]
 
     def forward_step(self, input: torch.Tensor, target: torch.Tensor) -> dict[str, Any]:
-        logits, features = self.run_nodes(self.node_inputs(input), train=True)
+        return self.forward_inputs(self.node_inputs(input), target)
+
+    def forward_inputs(self, inputs: dict, target: torch.Tensor) -> dict[str, Any]:
+        """:meth:`forward` from the batch as each (mean, std) sees it (:meth:`node_inputs`' dict),
+        for a caller that normalises the batch itself."""
+        logits, features = self.run_nodes(inputs, train=True)
         losses = self.loss_fn(logits, target, progress=self.progress)
         out = {}
         if self.feature_loss is not None:
-            feature_losses = self.feature_loss(features, logits, target, self.progress)
+            # soft targets [B, C] (mixup, smoothing): an attention edge's label gate needs a class
+            classes = target.argmax(dim=1) if target.dim() == 2 else target
+            feature_losses = self.feature_loss(features, logits, classes, self.progress)
             losses = losses + feature_losses.to(losses.dtype)
             out["feature_losses"] = feature_losses
-        # Frozen and ensemble nodes' losses are 0 (all-cutoff rows): the sum is the trainable nodes'.
+        # Frozen and virtual nodes' losses are 0 (all-cutoff rows): the sum is the trainable nodes'.
         return {"loss": losses.sum(), "output": logits[0], "losses": losses, "logits": logits, **out}
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> dict[str, Any]:
@@ -489,7 +561,7 @@ class KTGTask(TrainingTask):
 
         Args:
             input: [B, C, H, W] normalised as node 0 expects (timm's loader), or uint8 pixels.
-            target: class indices [B].
+            target: class indices [B], or soft targets [B, C] (target probabilities: mixup, smoothing).
 
         Returns ``loss`` (Σ of the trainable nodes' L_t: one backward trains each node by its
         own loss), ``output`` (node 0's logits; the ensemble's when node 0 is one), ``losses``

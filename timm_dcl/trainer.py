@@ -18,9 +18,12 @@ from torch import nn
 
 from .config import TrainConfig
 from .edge_stats import EdgeStats
+from .accumulation import Accumulation
+from .ema import EmaState, ema_node_indices
 from .gates import Gate
 from .graph import Graph
 from .nodes import check_models_run, create_node_model, resolve_eval_crop, resolve_input_size
+from .preemption import MidEpochState, StopSignals, skip_batches
 from .recipe import GateClock, NodeOptimizers, build_node_optimizer, build_scheduler, check_optimizer_names
 from .run_state import STATE_FORMAT, RunState  # noqa: F401  (STATE_FORMAT: part of this module's API)
 from .recipe import lr_at_epoch  # noqa: F401  (part of this module's API since the first release)
@@ -48,7 +51,8 @@ class TrainResult:
 
 class _Node:
     """One node at run time, as the task holds it: its module, how it sees the input, and its
-    optimiser's index. An ensemble node has no module (``raw`` is None), only its ``members``."""
+    optimiser's index. An ensemble node has no module (``raw`` is None), only its ``members``; an
+    EMA node neither (``is_ensemble`` is true of both: virtual), only ``ema_of``."""
 
     def __init__(self, index: int, spec, task: KTGTask):
         self.index = index
@@ -77,6 +81,10 @@ class _Node:
         return self.task.norm_keys[self.index]
 
     @property
+    def ema_of(self) -> Optional[int]:
+        return self.task.ema_of[self.index]
+
+    @property
     def is_ensemble(self) -> bool:
         return self.raw is None
 
@@ -86,6 +94,8 @@ class _Node:
 
     @property
     def label(self) -> str:
+        if self.ema_of is not None:
+            return f"{self.index}: EMA of {self.ema_of}"
         if self.is_ensemble:
             return f"{self.index}: ensemble of " + "+".join(map(str, self.members))
         return f"{self.index}: {self.spec.model}" + (" (frozen)" if self.frozen else "")
@@ -95,7 +105,7 @@ def _flat_config(cfg: TrainConfig) -> dict:
     return {k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool))}
 
 
-class GraphTrainer(RunState):
+class GraphTrainer(RunState, EmaState, MidEpochState):
     def __init__(self, graph: Graph, cfg: TrainConfig, *, data=None, accelerator=None):
         self.graph = graph
         self.cfg = cfg
@@ -132,10 +142,12 @@ class GraphTrainer(RunState):
         if self.eval_data is None:
             raise ValueError("evaluation on the validation split needs --val-size ≥ 1")
 
-        models = [None if spec.is_ensemble else self._build_model(i, spec) for i, spec in enumerate(graph.nodes)]
+        models = [None if spec.is_virtual else self._build_model(i, spec) for i, spec in enumerate(graph.nodes)]
+        # The EMAs (ema.py) live in the task, whose forward reads them for the ema:N nodes.
         self.task = KTGTask.from_graph(graph, models, num_classes=self.num_classes, ensemble_mean=cfg.ensemble_mean,
                                        normalise=cfg.normalises_inputs, channels_last=self.channels_last,
-                                       frozen_bn_train=self._frozen_bn_train, verbose=False)
+                                       frozen_bn_train=self._frozen_bn_train, ema_nodes=ema_node_indices(graph, cfg),
+                                       ema_decay=cfg.model_ema_decay, ema_warmup=cfg.model_ema_warmup, verbose=False)
         self.nodes = [_Node(i, spec, self.task) for i, spec in enumerate(graph.nodes)]
         on_gpu = acc.device.type != "cpu"
         self.train_loader = data.train_loader(cfg.batch_size, seed=cfg.seed, num_shards=acc.num_processes,
@@ -146,6 +158,7 @@ class GraphTrainer(RunState):
             raise ValueError(f"the training split ({len(data.train)} images) gives no "
                              f"{'full ' if cfg.drops_last_batch else ''}batch of {cfg.batch_size} on each of "
                              f"{acc.num_processes} processes")
+        self.accum = Accumulation(cfg.grad_accum_steps, len(self.train_loader))
         self.planned_epochs = cfg.epochs
         self.clock = GateClock(end_iteration=self._gate_iterations(cfg.epochs))
         self.edge_record: dict = {}  # the last epoch's edge diagnostics (edge_stats.py)
@@ -166,7 +179,7 @@ class GraphTrainer(RunState):
 
     def _gate_iterations(self, epochs: int) -> int:
         per_shard = len(self.data.train) // self.accelerator.num_processes
-        return self.cfg.gate_iterations(train_images=per_shard, iterations_per_epoch=len(self.train_loader),
+        return self.cfg.gate_iterations(train_images=per_shard, iterations_per_epoch=self.accum.updates_per_epoch,
                                         epochs=epochs)
 
     @property
@@ -194,6 +207,10 @@ class GraphTrainer(RunState):
         return {"log_with": self.cfg.log_with, "project_dir": str(self.output)}
 
     def _load_data(self):
+        from .timm_recipe import streaming_reason
+        if streaming_reason(self.cfg) and self.cfg.in_memory is None:
+            self.accelerator.print(f"{streaming_reason(self.cfg)} is a per-image transform: the data streams "
+                                   "through DataLoader workers instead of being decoded into memory")
         with self.accelerator.main_process_first():
             return build_run_data(self.cfg, self.graph.reference_model)
 
@@ -202,9 +219,10 @@ class GraphTrainer(RunState):
         codes = self.graph.gate_codes
         for t, spec in enumerate(self.graph.nodes):
             row_cut = all(codes[t * m + s] == Gate.CUTOFF for s in range(m))
-            if spec.is_ensemble and not row_cut:
-                raise ValueError(f"node {t} is an ensemble, which learns nothing: its gate row must be all cutoff")
-            if row_cut and not spec.frozen and not spec.is_ensemble:
+            if spec.is_virtual and not row_cut:
+                raise ValueError(f"node {t} is virtual ({spec.model}), so it learns nothing: its gate row must be "
+                                 "all cutoff")
+            if row_cut and not spec.frozen and not spec.is_virtual:
                 raise ValueError(
                     f"node {t} ({spec.model}) has an all-cutoff gate row, so it would learn nothing: "
                     "give it a checkpoint (a frozen pre-trained node) or open one of its gates")
@@ -238,12 +256,15 @@ class GraphTrainer(RunState):
             self.task.set_train_module(n.index, model)
         self.optimizer = prepared[-1]
         self.scheduler = build_scheduler(self.node_optimizers, cfg, epochs=self.planned_epochs,
-                                         updates_per_epoch=len(self.train_loader))
-        self.task.to(acc.device)  # the frozen nodes and the task's buffers; Accelerate placed the others
+                                         updates_per_epoch=self.accum.updates_per_epoch)
+        self.task.to(acc.device)  # the frozen nodes, the EMAs and the task's buffers; Accelerate placed the others
         # --compile compiles the whole step (normalisation, every node's forward, the loss op)
         # as one graph, rather than each model alone; progress is the task's tensor buffer, so
         # the linear gates' changing weight does not recompile it (the backward is compiled with it).
         self._train_step = torch.compile(self._forward_loss) if cfg.compile else self._forward_loss
+        self._setup_emas()
+        from .mixing import build_batch_mixing  # mixup/CutMix, label smoothing, random erasing
+        self.batch_mixing = build_batch_mixing(cfg, self.num_classes, *self.task.pixel_stats())
 
     def node_lrs(self) -> list[float]:
         """Each node's learning rate as its optimiser holds it now (0 for frozen and ensemble nodes)."""
@@ -265,7 +286,7 @@ class GraphTrainer(RunState):
         ``progress``: k/K, else what the task holds (the loop sets it outside a compiled step)."""
         if progress is not None:
             self.task.set_progress(progress)
-        out = self.task(images, labels)
+        out = self.task.forward_inputs(self._inputs(images), labels)
         return out["logits"], out["losses"], out.get("feature_losses")
 
     def _clip_gradients(self) -> None:
@@ -297,29 +318,39 @@ class GraphTrainer(RunState):
         feature_sum = torch.zeros_like(loss_sum)
         every = cfg.edge_stats_every
         edges = EdgeStats(self.graph.gate_codes, len(self.nodes), self.graph.temperature, acc.device) if every else None
-        bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True,
-                   disable=not (cfg.progress_bar and acc.is_local_main_process))
-        for step, (images, labels) in enumerate(bar):
+        start = self._resume_position(epoch, gen, (loss_sum, feature_sum), edges)  # 0 unless mid-epoch
+        bar = tqdm(skip_batches(self.train_loader, start), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+                   dynamic_ncols=True, disable=not (cfg.progress_bar and acc.is_local_main_process),
+                   total=len(self.train_loader), initial=start)
+        for step, (images, labels) in enumerate(bar, start=start):
             images = images.to(acc.device, non_blocking=True)
             labels = labels.to(acc.device, non_blocking=True)
             images = self.train_loader.augment(images, gen)
-            self.iteration += 1
-            progress = self.clock.progress(self.iteration)
-            self.task.set_progress(progress)
-            with acc.autocast():
-                logits, losses, feature_losses = self._train_step(images, labels)
-            if edges is not None and step % every == 0:
-                edges.add(logits, labels, progress)  # outside autocast: float32 statistics
-            acc.backward(losses.sum())
-            if cfg.clip_grad is not None:
-                self._clip_gradients()
-            self.optimizer.step()  # every node at once: one GradScaler update per iteration
-            self.optimizer.zero_grad(set_to_none=True)
-            if cfg.sched_on_updates:
-                self.scheduler.step_update(self.iteration)
+            if self.batch_mixing is not None:  # soft targets [B, C] from here on
+                images, labels = self.batch_mixing(images, labels, epoch)
+            if self.accum.starts_update(step):  # k counts optimiser updates
+                self.iteration += 1
+                progress = self.clock.progress(self.iteration)
+                self.task.set_progress(progress)  # a buffer: a compiled step reads it, never recompiles
+            with self.accum.context(acc, [n.train_model for n in self.nodes if n.trains], step):
+                with acc.autocast():
+                    logits, losses, feature_losses = self._train_step(images, labels)
+                if edges is not None and step % every == 0:  # outside autocast: float32 statistics
+                    edges.add(logits, labels.argmax(dim=1) if labels.dim() == 2 else labels, progress)
+                acc.backward(losses.sum() * self.accum.loss_scale(step) if self.accum.steps > 1 else losses.sum())
+            if self.accum.ends_update(step):
+                if cfg.clip_grad is not None:
+                    self._clip_gradients()
+                self.optimizer.step()  # every node at once: one GradScaler update per iteration
+                self.optimizer.zero_grad(set_to_none=True)
+                self._update_emas()
+                if cfg.sched_on_updates:
+                    self.scheduler.step_update(self.iteration)
             loss_sum += losses.detach().double()
             if feature_losses is not None:
                 feature_sum += feature_losses.detach().double()
+            if self.accum.ends_update(step):  # a checkpoint inside an accumulation group would lose its gradients
+                self._after_step(epoch, step + 1, gen, (loss_sum, feature_sum), edges)  # may checkpoint, or stop
             if step % 25 == 0 and not bar.disable:
                 bar.set_postfix_str(" ".join(f"{v:.3f}" for v in (loss_sum / (step + 1)).tolist()))
         bar.close()
@@ -410,6 +441,8 @@ class GraphTrainer(RunState):
                     "split": cfg.eval_split,
                     **self.feature_record,
                     **self.edge_record,
+                    **(self._ema_record(self.eval_name) if evaluated else {}),
+                    **({} if self.batch_mixing is None else self.batch_mixing.record(epoch)),
                 }
                 self.epoch, improved = epoch + 1, evaluated and top1[0] > self.best_top1
                 if improved:
@@ -456,13 +489,18 @@ def build_run_data(cfg: TrainConfig, target_model: str, *, val_size: Optional[in
     own, or node 0's pretrained_cfg), with node 0's evaluation crop unless ``--crop-pct`` says."""
     from .data import build_data
 
+    from .timm_recipe import needs_streaming
+
     crop_pct, interpolation = resolve_eval_crop(cfg, target_model)
     return build_data(cfg.dataset, data_dir=cfg.data_dir, train_subset=cfg.train_subset,
                       eval_subset=cfg.eval_subset, val_size=cfg.val_size if val_size is None else val_size,
-                      seed=cfg.seed, num_workers=cfg.workers, in_memory=cfg.in_memory,
+                      seed=cfg.seed, num_workers=cfg.workers,
+                      in_memory=False if needs_streaming(cfg) else cfg.in_memory,
                       input_size=resolve_input_size(cfg, target_model), crop_pct=crop_pct,
                       interpolation=interpolation, train_split=cfg.train_split, val_split=cfg.val_split,
-                      image_column=cfg.image_column, label_column=cfg.label_column)
+                      image_column=cfg.image_column, label_column=cfg.label_column,
+                      train_options=dict(auto_augment=cfg.aa, color_jitter=cfg.color_jitter,
+                                         train_interpolation=cfg.train_interpolation))
 
 
 def train_graph(graph: Graph, cfg: TrainConfig, *, data=None, accelerator=None,
@@ -471,6 +509,8 @@ def train_graph(graph: Graph, cfg: TrainConfig, *, data=None, accelerator=None,
 
     ``data`` (a :class:`timm_dcl.data.DataSplits`) skips loading, e.g. when a search
     trains many graphs on the same images. An exception raised by the callback (such
-    as ``optuna.TrialPruned``) stops training and propagates.
+    as ``optuna.TrialPruned``) stops training and propagates. SIGTERM or SIGUSR1 stop the run
+    at the next step, its ``last.pth`` written: :class:`~timm_dcl.preemption.Preempted`.
     """
-    return GraphTrainer(graph, cfg, data=data, accelerator=accelerator).fit(epoch_callback)
+    with StopSignals():
+        return GraphTrainer(graph, cfg, data=data, accelerator=accelerator).fit(epoch_callback)

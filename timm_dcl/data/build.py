@@ -162,7 +162,8 @@ def build_data(dataset: str, *, data_dir: Optional[Union[str, os.PathLike]] = No
                num_workers: Optional[int] = None, in_memory: Optional[bool] = None,
                memory_budget: Optional[int] = None, input_size=None, crop_pct: Optional[float] = None,
                interpolation: str = "bilinear", train_split: Optional[str] = None, val_split: Optional[str] = None,
-               image_column: Optional[str] = None, label_column: Optional[str] = None) -> DataSplits:
+               image_column: Optional[str] = None, label_column: Optional[str] = None,
+               train_options: Optional[dict] = None) -> DataSplits:
     """The train, eval (the source's held-out split) and optional validation split of ``dataset``.
 
     ``dataset``: ``cifar10``/``cifar100``/``tiny-imagenet`` (hub copy, or ``data_dir`` in its parquet
@@ -179,7 +180,9 @@ def build_data(dataset: str, *, data_dir: Optional[Union[str, os.PathLike]] = No
     least ``MIN_CACHED_ROWS`` rows), False streams them through DataLoader workers, None picks
     the former when the decoded splits fit ``memory_budget`` bytes (default
     :func:`default_memory_budget`). ``num_workers``: decoding processes, and the streaming
-    loaders' workers.
+    loaders' workers. ``train_options``: keyword arguments of the streaming path's per-image
+    training transform (:func:`.transforms.train_transform`: ``auto_augment``, ``color_jitter``,
+    ``train_interpolation``).
     """
     _check_options(train_subset, eval_subset, val_size, seed, in_memory, memory_budget, crop_pct, interpolation)
     input_size = _input_size(input_size)
@@ -219,7 +222,8 @@ def build_data(dataset: str, *, data_dir: Optional[Union[str, os.PathLike]] = No
     if not use_memory:
         def stream(src, rows):
             return StreamSplit(src, rows, source.classes, eval_transform=eval_tf,
-                               train_transform=train_transform(native, hw, interpolation=interpolation))
+                               train_transform=train_transform(native, hw, interpolation=interpolation,
+                                                               **(train_options or {})))
         return DataSplits(train=stream(train_src, train_rows), eval=stream(eval_src, eval_rows),
                           val=stream(train_src, val_rows) if val_size else None, num_classes=num_classes,
                           input_size=input_size, classes=source.classes, num_workers=num_workers)

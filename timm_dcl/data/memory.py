@@ -265,8 +265,12 @@ class BatchLoader:
         return math.ceil(self.per_shard / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.iter_from(0)
+
+    def iter_from(self, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The epoch's batches from batch ``start`` on (a resume in the middle of an epoch)."""
         order = self.epoch_positions().to(self.images.device)
-        for b in range(len(self)):
+        for b in range(start, len(self)):
             idx = order[b * self.batch_size:(b + 1) * self.batch_size]
             images, labels = self.images[idx], self.labels[idx]
             if self.pin_memory:

@@ -56,14 +56,16 @@ def _seeded(seed: int, epoch: int, row: int):
     # restored afterwards: with num_workers=0 this runs in the training process, whose dropout
     # must not notice. CUDA generators are untouched (devices=[]).
     words = np.random.SeedSequence([seed & 0xFFFFFFFFFFFFFFFF, epoch, row]).generate_state(2)
-    state = random.getstate()
+    state, np_state = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed((int(words[0]) << 32) | int(words[1]))
         random.seed(int(words[0]))
+        np.random.seed(int(words[1]))  # timm's RandAugment picks its ops with numpy's
         try:
             yield
         finally:
             random.setstate(state)
+            np.random.set_state(np_state)
 
 
 class StreamingDataset(Dataset):
@@ -97,6 +99,7 @@ class _EpochOrder:
         self.n, self.seed, self.num_shards, self.shard_index = n, seed, num_shards, shard_index
         self.per_shard = n // num_shards
         self.epoch = 0
+        self.start = 0  # the next epoch's first position (a resume mid-epoch); read once
 
     def positions(self, epoch: Optional[int] = None) -> torch.Tensor:
         return shard_positions(self.n, seed=self.seed, epoch=self.epoch if epoch is None else epoch,
@@ -114,8 +117,9 @@ class _EpochSampler(Sampler):
         return self.order.per_shard
 
     def __iter__(self):
-        epoch = self.order.epoch
-        return iter([(int(p), epoch) for p in self.order.positions(epoch)])
+        epoch, start = self.order.epoch, self.order.start
+        self.order.start = 0
+        return iter([(int(p), epoch) for p in self.order.positions(epoch)[start:]])
 
 
 def _data_loader(dataset, batch_size, sampler, workers, device, drop_last=False) -> DataLoader:
@@ -172,6 +176,11 @@ class StreamingTrainLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for batch in self._loader:
             yield _to(batch, self.device)
+
+    def iter_from(self, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The epoch's batches from batch ``start`` on, the skipped images not even read."""
+        self._order.start = int(start) * self.batch_size
+        return iter(self)
 
     def augment(self, images: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         return images

@@ -175,8 +175,31 @@ def build_options(with_cuda: bool) -> dict:
     nvcc = ["-O3", "-lineinfo"] + isystem + (["-DWITH_CUDA"] if with_cuda else [])
     return {
         "extra_compile_args": {"cxx": cxx + isystem, "nvcc": nvcc},
-        "extra_link_args": ["-fopenmp"],
+        "extra_link_args": ["-fopenmp"] + loaded_cxx_runtime(),
     }
+
+
+def loaded_cxx_runtime() -> list[str]:
+    """The shared C++ runtime this process (with torch imported) runs on, to link by path.
+
+    Why: a compiler whose own library directory holds only ``libstdc++.a`` links the C++
+    runtime statically into the extension. The lent H200's ``/opt/gcc`` wrapper (GCC 13,
+    ``-B`` to its lib directory) did: with two C++ runtimes in one process, every C++ error
+    the op raised crashed Python (segfault) instead of becoming an exception. Naming the
+    library torch already loaded makes the linker resolve the runtime there, so the
+    driver's implicit ``-lstdc++`` after it pulls nothing from an archive.
+    """
+    import torch  # noqa: F401  (loads the runtime whose path is wanted)
+
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.split()[-1]
+                if os.path.basename(path).startswith("libstdc++.so"):
+                    return [path]
+    except OSError:  # not Linux: the platform's default linking stands
+        pass
+    return []
 
 
 def _ops_registered() -> bool:

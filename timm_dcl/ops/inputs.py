@@ -53,11 +53,20 @@ def as_logits(logits: LogitsLike) -> torch.Tensor:
 
 
 def check_labels(labels: torch.Tensor, z: torch.Tensor, *, check_range: bool = True) -> torch.Tensor:
-    """Labels as int64 [B] on the logits' device; range-checked unless the kernel does it."""
+    """Labels as int64 [B] on the logits' device, range-checked unless the kernel does it; or
+    soft targets (floating [B, C] target probabilities: mixup, label smoothing) as given."""
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be an int64 tensor [B], got {type(labels).__name__}")
+    if labels.dtype.is_floating_point and labels.dim() == 2:
+        if tuple(labels.shape) != (z.shape[1], z.shape[2]):
+            raise ValueError(f"soft labels (target probabilities) must be [B, C] = {(z.shape[1], z.shape[2])} "
+                             f"like the logits, got shape {tuple(labels.shape)}")
+        if labels.device != z.device:
+            raise ValueError(f"labels are on {labels.device} but logits are on {z.device}")
+        return labels
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise TypeError(f"labels must be an integer tensor (int64), got {labels.dtype}")
+        raise TypeError(f"labels must be an integer tensor (int64) [B] of classes or a floating tensor [B, C] "
+                        f"of target probabilities, got {labels.dtype} of shape {tuple(labels.shape)}")
     if labels.dim() != 1 or labels.shape[0] != z.shape[1]:
         raise ValueError(
             f"labels must be [B] with B = {z.shape[1]} (the logits' batch), got shape {tuple(labels.shape)}")

@@ -21,17 +21,26 @@ def ktg_loss_reference(logits: LogitsLike, labels: torch.Tensor, gates: GatesLik
     ``L_t = Σ_s G_{t,s}(l^{s→t})`` with the label cross-entropy on the diagonal and
     ``T² · KL(softmax(z_s/T) || softmax(z_t/T))`` off it; sources are detached, so the
     gradient of ``L_t`` flows only into ``z_t``.
+
+    ``labels`` are classes (integer [B]) or soft targets (floating [B, C] target
+    probabilities y, as mixup and label smoothing give, constants): the label edge is then
+    ``−Σ_c y_c log softmax(z_t)_c`` and a correct gate keeps the samples whose source's
+    argmax is the target's argmax.
     """
     z, y, codes, T, progress = canonical_args(logits, labels, gates, temperature, progress)
     M = z.shape[0]
     out_dtype = result_dtype(z.dtype)
     z = z.to(out_dtype)  # half precision is computed in float32
+    soft = y.is_floating_point()
+    if soft:
+        y = y.detach().to(out_dtype)  # read in the accumulation dtype, as the kernels do
 
     log_q = F.log_softmax(z / T, dim=-1)          # targets' tempered log-probabilities
     log_p = log_q.detach()                        # the same, as constant sources
     p = log_p.exp()
     # torch.argmax returns the first maximal index: ties go to the lowest class, as SPEC says.
-    correct = (z.detach().argmax(dim=-1) == y).to(out_dtype)  # [M, B]
+    classes = y.argmax(dim=-1) if soft else y
+    correct = (z.detach().argmax(dim=-1) == classes).to(out_dtype)  # [M, B]
 
     losses = []
     for t in range(M):
@@ -42,7 +51,8 @@ def ktg_loss_reference(logits: LogitsLike, labels: torch.Tensor, gates: GatesLik
                 continue
             if s == t:
                 # On the label edge "correct" is "through": the label is always right.
-                per_sample = F.cross_entropy(z[t], y, reduction="none")
+                per_sample = (-(y * F.log_softmax(z[t], dim=-1)).sum(dim=-1) if soft
+                              else F.cross_entropy(z[t], y, reduction="none"))
             else:
                 per_sample = T * T * (p[s] * (log_p[s] - log_q[t])).sum(dim=-1)
                 if code == Gate.CORRECT:

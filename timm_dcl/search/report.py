@@ -96,7 +96,8 @@ class ReportGraph:
     def models_text(self) -> str:
         if self.canon is not None:
             return self.canon.models_text
-        return ",".join(f"ensemble:{'+'.join(map(str, n.members))}" if n.is_ensemble and n.members else n.model
+        return ",".join(f"ensemble:{'+'.join(map(str, n.members))}" if n.is_ensemble and n.members
+                        else f"ema:{n.of}" if n.is_ema else n.model
                         for n in self.graph.nodes)
 
     @property

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from ..gates import GATE_NAMES, Gate
-from ..graph import DEFAULT_FEATURE_WEIGHT, ENSEMBLE, Graph, Node
+from ..graph import DEFAULT_FEATURE_WEIGHT, EMA, ENSEMBLE, Graph, Node
 from ..pretrained import find_pretrained
 
 __all__ = ["DEFAULT_CANDIDATES", "DEFAULT_TARGET", "InvalidGraph", "SearchSpace", "Baseline", "CanonicalGraph",
@@ -45,6 +45,14 @@ _CORRECT = GATE_NAMES[Gate.CORRECT]
 #: Relabellings of nodes 1…M−1 are tried exhaustively up to this many nodes ((M−1)! orders);
 #: larger graphs are canonical up to the diagonal only (the paper's graphs have M ≤ 5).
 MAX_PERMUTED_NODES = 7
+#: What nodes 1…M−1 may draw besides the candidates with ``ema_sources``: the EMA of node 0 (a mean
+#: teacher). Only node 0's: its index never changes under the relabellings of nodes 1…M−1.
+EMA_SOURCE = f"{EMA}:0"
+
+
+def _virtual(model: str) -> bool:
+    """A drawn model that is no network: the ensemble node 0, or an EMA source."""
+    return model == ENSEMBLE or model == EMA_SOURCE
 
 
 class InvalidGraph(ValueError):
@@ -68,9 +76,9 @@ def canonical_feature_gates(models: Sequence[str], gates: Sequence[Sequence[str]
     m = len(models)
     out = []
     for t in range(m):
-        learns = models[t] != ENSEMBLE and any(g != _CUTOFF for g in gates[t])
+        learns = not _virtual(models[t]) and any(g != _CUTOFF for g in gates[t])
         out.append([feature_gates[t][s] if (feature_gates is not None and learns and s != t
-                                            and models[s] != ENSEMBLE) else _CUTOFF for s in range(m)])
+                                            and not _virtual(models[s])) else _CUTOFF for s in range(m)])
     return out
 
 
@@ -135,7 +143,8 @@ def canonical_graph(models: Sequence[str], gates: Sequence[Sequence[str]],
     Node 0 stays node 0: it is the target.
     """
     m = len(models)
-    gates = canonical_gates(gates)
+    # an EMA source learns nothing: whatever its row drew, it is cut
+    gates = canonical_gates([[_CUTOFF] * m if models[t] == EMA_SOURCE else row for t, row in enumerate(gates)])
     features = canonical_feature_gates(models, gates, feature_gates)
     if m > MAX_PERMUTED_NODES:
         orders: Any = [tuple(range(1, m))]
@@ -154,7 +163,7 @@ def canonical_graph(models: Sequence[str], gates: Sequence[Sequence[str]],
 
 
 def graph_text(graph: Graph) -> str:
-    models = ",".join(n.model + ("*" if n.frozen else "") for n in graph.nodes)
+    models = ",".join(n.model + ("*" if n.frozen else f":{n.of}" if n.is_ema else "") for n in graph.nodes)
     text = f"{models}  [{_rows_text(graph.gates)}]"
     return text + (f"  features [{_rows_text(graph.feature_gates)}]" if graph.has_feature_edges else "")
 
@@ -213,6 +222,7 @@ class SearchSpace:
     ensemble_target: bool = False
     feature_edges: bool = False
     feature_weight: float = DEFAULT_FEATURE_WEIGHT
+    ema_sources: bool = False  # nodes 1…M−1 may be the EMA of node 0 (EMA_SOURCE), a mean teacher
 
     def __post_init__(self) -> None:
         from ..ops import MAX_NODES
@@ -224,7 +234,7 @@ class SearchSpace:
             raise ValueError(f"--num-nodes must be ≥ 1, got {m}")
         if m > MAX_NODES:
             raise ValueError(f"--num-nodes must be ≤ {MAX_NODES} (the loss kernels' limit), got {m}")
-        for flag in ("ensemble_target", "feature_edges"):
+        for flag in ("ensemble_target", "feature_edges", "ema_sources"):
             if not isinstance(getattr(self, flag), bool):
                 raise TypeError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
         if self.ensemble_target:
@@ -238,6 +248,11 @@ class SearchSpace:
         else:
             object.__setattr__(self, "target_model", _check_model(
                 DEFAULT_TARGET if self.target_model is None else self.target_model, "--target-model"))
+        if self.ema_sources and self.ensemble_target:
+            raise ValueError("--ema-sources draws the EMA of node 0, which --ensemble-target makes an ensemble "
+                             "(it has no weights to average): use one of them")
+        if self.ema_sources and m < 2:
+            raise ValueError(f"--ema-sources needs --num-nodes ≥ 2 (nodes 1…M−1 may be node 0's EMA), got {m}")
         if isinstance(self.candidates, str):
             raise TypeError("candidates must be a sequence of model names, not one string")
         candidates = tuple(_check_model(c, "--candidates") for c in self.candidates)
@@ -263,6 +278,11 @@ class SearchSpace:
     def input_model(self) -> str:
         """The model whose input size and crop the data takes: node 0's, or an ensemble's first candidate."""
         return self.candidates[0] if self.ensemble_target else self.target_model
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        """What nodes 1…M−1 draw: the candidates, and with ``ema_sources`` node 0's EMA."""
+        return self.candidates + ((EMA_SOURCE,) if self.ema_sources else ())
 
     # -- what a trial samples
     def _learners(self) -> range:
@@ -297,7 +317,7 @@ class SearchSpace:
         m = self.num_nodes
         # the order of the suggestions is the order before the modes existed: a seeded sampler
         # draws the same graphs as it did
-        models = [trial.suggest_categorical(f"model_{n}", self.candidates) for n in range(1, m)]
+        models = [trial.suggest_categorical(f"model_{n}", self.choices) for n in range(1, m)]
         gates = [[_CUTOFF] * m for _ in range(m)]
         for t in self._learners():
             gates[t] = [trial.suggest_categorical(f"gate_{t}_{s}", GATE_NAMES) for s in range(m)]
@@ -354,6 +374,11 @@ class SearchSpace:
                                      "all cutoff")
                 nodes.append(Node(ENSEMBLE))
                 continue
+            if model == EMA_SOURCE:
+                if not self.ema_sources:
+                    raise ValueError(f"node {t} is {EMA_SOURCE}, but this search space has no --ema-sources")
+                nodes.append(Node(EMA, of=0))
+                continue
             if any(g != _CUTOFF for g in gates[t]):
                 nodes.append(Node(model))
                 continue
@@ -367,6 +392,8 @@ class SearchSpace:
             nodes.append(Node(model, checkpoint=str(ckpt), frozen=True))
         if self.ensemble_target and all(n.frozen for n in nodes[1:]):
             raise InvalidGraph("every member of the ensemble (node 0) has an all-cutoff gate row: nothing would train")
+        # an EMA source learns nothing: its drawn row is cut
+        gates = [[_CUTOFF] * len(names) if names[t] == EMA_SOURCE else list(row) for t, row in enumerate(gates)]
         features = None if feature_gates is None else canonical_feature_gates(names, gates, feature_gates)
         return Graph(nodes, [list(row) for row in gates], self.temperature, feature_gates=features,
                      feature_weight=self.feature_weight)
@@ -427,4 +454,6 @@ class SearchSpace:
             out["ensemble_target"] = True
         if self.feature_edges:
             out.update(feature_edges=True, feature_weight=self.feature_weight)
+        if self.ema_sources:
+            out["ema_sources"] = True
         return out

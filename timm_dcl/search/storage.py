@@ -277,7 +277,7 @@ def _recipe_defaults() -> dict[str, Any]:
 
 
 #: Settings of :meth:`SearchSpace.settings` present only when True.
-_MODE_KEYS = ("ensemble_target", "feature_edges")
+_MODE_KEYS = ("ensemble_target", "feature_edges", "ema_sources")
 
 
 def open_study(storage: BaseStorage, study_name: str, settings: dict[str, Any], *,

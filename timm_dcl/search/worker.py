@@ -32,6 +32,7 @@ from optuna.study import MaxTrialsCallback
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from ..graph import Graph
+from ..preemption import Preempted, stop_requested
 from .space import InvalidGraph, SearchSpace, split_key
 from .storage import Heartbeat, JournalHeartbeatStorage, fail_stale
 
@@ -203,6 +204,7 @@ class SearchWorker:
     def _wait_for_slot(self) -> bool:
         """Wait while every free slot is held by a running trial; False once the study is full."""
         while True:
+            self._stop_if_asked()
             fail_stale(self.study, self.storage)
             finished, running = self._counts()
             if self.progress:
@@ -212,6 +214,22 @@ class SearchWorker:
             if finished + running < self.n_trials:
                 return True
             time.sleep(self.poll_interval)
+
+    @staticmethod
+    def _stop_if_asked() -> None:
+        """Between trials, a stop signal stops the worker at once (inside one, the trainer does)."""
+        name = stop_requested()
+        if name is not None:
+            raise Preempted(name, text="between trials: no trial was running")
+
+    def _requeue(self, trial: Trial, key: str) -> None:
+        """A trial stopped by a signal fails (its slot is freed) and its graph is queued again, so a
+        resumed study trains it next, from its start (trials keep no checkpoint)."""
+        attrs = {"graph": key, "requeued_from": trial.number}
+        if "baseline" in trial.user_attrs:
+            attrs["baseline"] = trial.user_attrs["baseline"]
+        trial.set_user_attr("preempted", True)
+        self.study.enqueue_trial(dict(trial.params), user_attrs=attrs)
 
     def _admitted(self, trial: Trial) -> bool:
         ahead = sum(1 for t in self.study.get_trials(deepcopy=False, states=LIVE) if t.number < trial.number)
@@ -281,6 +299,10 @@ class SearchWorker:
             try:
                 return self._train(trial, graph)
             except optuna.TrialPruned:
+                raise
+            except Preempted as e:
+                trial.set_user_attr("error", f"{type(e).__name__}: {e}"[:500])
+                self._requeue(trial, canon.key)
                 raise
             except BaseException as e:
                 trial.set_user_attr("error", f"{type(e).__name__}: {e}"[:500])
