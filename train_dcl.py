@@ -39,6 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pretrained-dir", default=None, metavar="DIR",
                    help="graph transfer: take every frozen node's weights from DIR/<dataset>/<model>.pth "
                         "(the layout search_dcl.py uses)")
+    g.add_argument("--push-to-hub", default=None, metavar="ORG/NAME",
+                   help="after the run, push node 0 (a folder timm loads, see timm/ in the run) to this Hugging "
+                        "Face repository with timm's push_to_hf_hub and a model card (graph, data set, top-1)")
+    g.add_argument("--push-nodes", default=None, metavar="N,N",
+                   help="with --push-to-hub: the trained nodes to push (default 0); the first goes to ORG/NAME, "
+                        "node i after it to ORG/NAME-node<i>")
     g.add_argument("--log-with", default=None, choices=TRACKERS,
                    help="log accuracy, loss and lr per node per epoch through Accelerate's trackers "
                         "(into --output; the tracker's package must be installed)")
@@ -115,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.output is None and args.resume is None:
             args.output = str(Path("output") / "train" / "-".join(n.model for n in graph.nodes))
         cfg = TrainConfig.from_args(args, extra={"cli_yaml": config_to_yaml(args, parser)})
+        from timm_dcl.hub import check_push_args
+        push = check_push_args(args.push_to_hub, args.push_nodes, graph)
     except bad_input as e:
         return fail(PROG, e)
     from timm_dcl.preemption import Preempted
@@ -133,6 +141,27 @@ def main(argv: list[str] | None = None) -> int:
         if (run / "checkpoints" / "last.pth").is_file():
             text += f"; the last good checkpoint is kept: continue with --resume {run}"
         return fail(PROG, OSError(text))
+    if push:
+        return _push(args.push_to_hub, push, Path(cfg.output or cfg.resume))
+    return 0
+
+
+def _push(repo_id: str, nodes: list[int], run: Path) -> int:
+    """--push-to-hub, after the run's files are written: a failure (offline, no token) is one line."""
+    from accelerate import PartialState
+
+    from timm_dcl.cli import fail
+    from timm_dcl.hub import push_nodes
+
+    if not PartialState().is_main_process:
+        return 0
+    try:
+        for repo in push_nodes(run, repo_id, nodes):
+            print(f"pushed to https://huggingface.co/{repo}")
+    except (OSError, ValueError, RuntimeError, ImportError) as e:
+        reason = " ".join(str(e).split())[:300] or type(e).__name__
+        return fail(PROG, OSError(f"--push-to-hub {repo_id}: cannot push ({reason}); the run is complete and its "
+                                  f"files are in {run}"))
     return 0
 
 

@@ -95,10 +95,9 @@ class EmaState:
     emas: NodeEmas = NodeEmas({}, decay=0.0, warmup=False)
 
     def _setup_emas(self) -> None:
-        """After the nodes are prepared (on their device, channels-last, unwrapped in ``raw``)."""
-        wanted = ema_node_indices(self.graph, self.cfg)
-        self.emas = NodeEmas({i: self.nodes[i].raw for i in wanted}, decay=self.cfg.model_ema_decay,
-                             warmup=self.cfg.model_ema_warmup)
+        """The task's EMAs (it holds them: its forward reads them for the ``ema:N`` nodes), built
+        from ``ema_node_indices`` with the run's decay and warm-up."""
+        self.emas = self.task.node_emas
 
     def _load_emas(self, state: Optional[dict]) -> None:
         missing = self.emas.load_state_dict(state)
@@ -108,12 +107,7 @@ class EmaState:
 
     def _update_emas(self) -> None:
         if self.emas:
-            self.emas.update({i: self.nodes[i].raw for i in self.emas.indices}, step=self.iteration)
-
-    def _ema_logits(self, node, inputs: dict) -> torch.Tensor:
-        """An ``ema:N`` node's logits: node N's EMA on node N's view of the batch."""
-        source = self.nodes[node.ema_of]
-        return self.emas.logits(node.ema_of, inputs[source.norm_key])
+            self.task.update_ema(step=self.iteration)
 
     def _ema_record(self, split: str) -> dict:
         """``top1_ema``: every node's EMA top-1 (%) on ``split`` (None where a node keeps none). Runs

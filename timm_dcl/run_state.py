@@ -174,3 +174,18 @@ class RunState:
                               model_name=n.spec.model, model_kwargs=n.spec.model_kwargs,
                               num_classes=self.num_classes, dataset=self.cfg.dataset, top1=top1,
                               ema=self.emas.module(n.index) if n.index in self.emas else None)
+            self._save_node_folder(n, top1)
+
+    def _save_node_folder(self, n, top1) -> None:
+        """The node also as a folder timm loads (hub.py): its input as the run fed it."""
+        from .hub import node_folder_name, save_node_folder
+        from .nodes import resolve_eval_crop
+
+        crop_pct, interpolation = resolve_eval_crop(self.cfg, self.graph.reference_model)
+        mean, std = n.norm_key
+        data_config = {"input_size": tuple(self.input_size), "mean": tuple(mean), "std": tuple(std),
+                       "interpolation": interpolation, **({"crop_pct": crop_pct} if crop_pct is not None else {})}
+        info = {"node": n.index, "graph": self.graph.to_dict(), "dataset": self.cfg.dataset, "top1": top1,
+                "split": self.cfg.eval_split, "epochs": self.epoch}
+        save_node_folder(self.output / "timm" / node_folder_name(n.index, n.spec.model), n.raw,
+                         data_config=data_config, info=info)

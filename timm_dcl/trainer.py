@@ -1,13 +1,13 @@
 """Trains a Knowledge Transfer Graph with Accelerate: every node at once, one loss op.
 
-Data flows one way: config → graph → trainer → ``KTGLoss``. One backward pass of ``Σ_t L_t``
-gives every node exactly its own gradient, because the loss detaches every edge's source
-(SPEC §2); one step of :class:`~timm_dcl.recipe.NodeOptimizers` then updates every trainable
-node, each with its own timm optimiser, under one lr schedule.
+Data flows one way: config → graph → trainer → :class:`~timm_dcl.task.KTGTask` (the graph's
+forward and loss, defined there alone). One backward pass of ``Σ_t L_t`` gives every node exactly
+its own gradient, because the loss detaches every edge's source (SPEC §2); one step of
+:class:`~timm_dcl.recipe.NodeOptimizers` then updates every trainable node, each with its own
+timm optimiser, under one lr schedule.
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,19 +19,17 @@ from torch import nn
 from .config import TrainConfig
 from .edge_stats import EdgeStats
 from .accumulation import Accumulation
-from .ema import EmaState
-from .features import FeatureEdgeLoss, WithFeatures
+from .ema import EmaState, ema_node_indices
 from .gates import Gate
 from .graph import Graph
-from .nodes import (check_models_run, create_node_model, pretrained_stats, resolve_eval_crop,
-                    resolve_input_size)
-from .ops import KTGLoss
+from .nodes import check_models_run, create_node_model, resolve_eval_crop, resolve_input_size
 from .preemption import MidEpochState, StopSignals, skip_batches
 from .recipe import GateClock, NodeOptimizers, build_node_optimizer, build_scheduler, check_optimizer_names
 from .run_state import STATE_FORMAT, RunState  # noqa: F401  (STATE_FORMAT: part of this module's API)
 from .recipe import lr_at_epoch  # noqa: F401  (part of this module's API since the first release)
 from . import run_files
 from .safe_io import check_output_dir
+from .task import KTGTask, ensemble_logits
 
 __all__ = ["train_graph", "GraphTrainer", "TrainResult", "lr_at_epoch", "build_run_data", "ensemble_logits",
            "node_init_seed"]
@@ -52,22 +50,39 @@ class TrainResult:
 
 
 class _Node:
-    """One node at run time: its module, how it sees the input, and its optimiser's index.
-    An ensemble node has no module (``raw`` is None), only the indices of its ``members``; an
+    """One node at run time, as the task holds it: its module, how it sees the input, and its
+    optimiser's index. An ensemble node has no module (``raw`` is None), only its ``members``; an
     EMA node neither (``is_ensemble`` is true of both: virtual), only ``ema_of``."""
 
-    def __init__(self, index: int, spec, model: Optional[nn.Module], frozen: bool, normalise: bool = True,
-                 members: tuple[int, ...] = (), feature_stage: Optional[int] = None, ema_of: Optional[int] = None):
+    def __init__(self, index: int, spec, task: KTGTask):
         self.index = index
-        self.ema_of = ema_of
-        self.feature_stage = feature_stage  # None: in no feature edge, its training forward gives logits only
         self.spec = spec
-        self.raw = model          # unwrapped: state_dict, evaluation
-        self.train_model = model  # DDP-wrapped and/or compiled for training
-        self.frozen = frozen
-        self.members = members
+        self.task = task
         self.opt_index: Optional[int] = None  # its optimiser inside NodeOptimizers
-        self.norm_key = pretrained_stats(model, normalise=normalise) if model is not None else None
+
+    @property
+    def raw(self) -> Optional[nn.Module]:  # unwrapped: state_dict, evaluation
+        return self.task.node_module(self.index)
+
+    @property
+    def train_model(self) -> Optional[nn.Module]:  # DDP-wrapped and/or with features, for training
+        return self.task.train_module(self.index)
+
+    @property
+    def frozen(self) -> bool:
+        return self.task.frozen[self.index]
+
+    @property
+    def members(self) -> tuple[int, ...]:
+        return self.task.members[self.index]
+
+    @property
+    def norm_key(self):
+        return self.task.norm_keys[self.index]
+
+    @property
+    def ema_of(self) -> Optional[int]:
+        return self.task.ema_of[self.index]
 
     @property
     def is_ensemble(self) -> bool:
@@ -127,10 +142,13 @@ class GraphTrainer(RunState, EmaState, MidEpochState):
         if self.eval_data is None:
             raise ValueError("evaluation on the validation split needs --val-size ≥ 1")
 
-        self.nodes = [self._build_node(i, spec) for i, spec in enumerate(graph.nodes)]
-        self.loss_fn = KTGLoss(graph.gates, graph.temperature)
-        self.feature_loss = (FeatureEdgeLoss(graph.feature_gate_codes, graph.num_nodes, graph.feature_weight)
-                             if graph.has_feature_edges else None)
+        models = [None if spec.is_virtual else self._build_model(i, spec) for i, spec in enumerate(graph.nodes)]
+        # The EMAs (ema.py) live in the task, whose forward reads them for the ema:N nodes.
+        self.task = KTGTask.from_graph(graph, models, num_classes=self.num_classes, ensemble_mean=cfg.ensemble_mean,
+                                       normalise=cfg.normalises_inputs, channels_last=self.channels_last,
+                                       frozen_bn_train=self._frozen_bn_train, ema_nodes=ema_node_indices(graph, cfg),
+                                       ema_decay=cfg.model_ema_decay, ema_warmup=cfg.model_ema_warmup, verbose=False)
+        self.nodes = [_Node(i, spec, self.task) for i, spec in enumerate(graph.nodes)]
         on_gpu = acc.device.type != "cpu"
         self.train_loader = data.train_loader(cfg.batch_size, seed=cfg.seed, num_shards=acc.num_processes,
                                               shard_index=acc.process_index, device=acc.device if on_gpu else None,
@@ -168,6 +186,20 @@ class GraphTrainer(RunState, EmaState, MidEpochState):
     def _frozen_bn_train(self) -> bool:
         return self.cfg.frozen_bn == "train"
 
+    @property
+    def loss_fn(self):
+        return self.task.loss_fn
+
+    @loss_fn.setter
+    def loss_fn(self, fn) -> None:
+        # Any callable (logits, labels, progress=) may stand in, e.g. to watch what the loss gets.
+        del self.task.loss_fn
+        self.task.loss_fn = fn
+
+    @property
+    def feature_loss(self):
+        return self.task.feature_loss
+
     # ----------------------------------------------------------------------------- setup
     def _tracker_kwargs(self) -> dict:
         if self.output is None or self.cfg.log_with is None:
@@ -195,11 +227,7 @@ class GraphTrainer(RunState, EmaState, MidEpochState):
                     f"node {t} ({spec.model}) has an all-cutoff gate row, so it would learn nothing: "
                     "give it a checkpoint (a frozen pre-trained node) or open one of its gates")
 
-    def _build_node(self, index: int, spec) -> _Node:
-        if spec.is_ensemble:
-            return _Node(index, spec, None, False, members=self.graph.ensemble_members(index))
-        if spec.is_ema:
-            return _Node(index, spec, None, False, ema_of=self.graph.ema_source(index))
+    def _build_model(self, index: int, spec) -> nn.Module:
         # Each node's random initialisation depends on (seed, its index) alone, not on the nodes
         # built before it: seed k of two graphs that share node 0's model starts node 0 from the
         # same weights, so their runs differ only by the graph (the report pairs them by seed).
@@ -210,8 +238,7 @@ class GraphTrainer(RunState, EmaState, MidEpochState):
             model.eval().requires_grad_(False)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        stage = self.graph.feature_stage if index in self.graph.feature_nodes else None
-        return _Node(index, spec, model, spec.frozen, normalise=self.cfg.normalises_inputs, feature_stage=stage)
+        return model
 
     def _prepare(self) -> None:
         acc, cfg = self.accelerator, self.cfg
@@ -222,39 +249,22 @@ class GraphTrainer(RunState, EmaState, MidEpochState):
                                               names=[str(n.index) for n in trainable])
         # Frozen teachers are never wrapped in DDP: they have no gradients to synchronise. A node in
         # a feature edge is prepared inside WithFeatures, so that DDP sees the forward that makes them.
-        prepared = acc.prepare(*[self._with_features(n) for n in trainable], self.node_optimizers)
+        prepared = acc.prepare(*[n.train_model for n in trainable], self.node_optimizers)
         if not isinstance(prepared, tuple):
             prepared = (prepared,)
         for n, model in zip(trainable, prepared[:len(trainable)]):
-            n.train_model = model
-            n.raw = acc.unwrap_model(model)
-            if isinstance(n.raw, WithFeatures):
-                n.raw = n.raw.model
+            self.task.set_train_module(n.index, model)
         self.optimizer = prepared[-1]
         self.scheduler = build_scheduler(self.node_optimizers, cfg, epochs=self.planned_epochs,
                                          updates_per_epoch=self.accum.updates_per_epoch)
-        for n in self.nodes:
-            if n.frozen and not n.is_ensemble:
-                n.raw.to(acc.device)
-                n.train_model = self._with_features(n)
+        self.task.to(acc.device)  # the frozen nodes, the EMAs and the task's buffers; Accelerate placed the others
         # --compile compiles the whole step (normalisation, every node's forward, the loss op)
-        # as one graph, rather than each model alone; progress travels as a tensor so that the
-        # linear gates' changing weight does not recompile it (the backward is compiled with it).
+        # as one graph, rather than each model alone; progress is the task's tensor buffer, so
+        # the linear gates' changing weight does not recompile it (the backward is compiled with it).
         self._train_step = torch.compile(self._forward_loss) if cfg.compile else self._forward_loss
         self._setup_emas()
-        device = acc.device
-        self._norms = {}
-        for key in {n.norm_key for n in self.nodes if not n.is_ensemble}:
-            mean, std = key
-            self._norms[key] = (torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255.0,
-                                torch.tensor(std, device=device).view(1, -1, 1, 1) * 255.0)
         from .mixing import build_batch_mixing  # mixup/CutMix, label smoothing, random erasing
-        first = next(n.norm_key for n in self.nodes if not n.is_ensemble)
-        self.batch_mixing = build_batch_mixing(cfg, self.num_classes, *self._norms[first])
-
-    @staticmethod
-    def _with_features(n: _Node) -> nn.Module:
-        return n.raw if n.feature_stage is None else WithFeatures(n.raw, n.feature_stage)
+        self.batch_mixing = build_batch_mixing(cfg, self.num_classes, *self.task.pixel_stats())
 
     def node_lrs(self) -> list[float]:
         """Each node's learning rate as its optimiser holds it now (0 for frozen and ensemble nodes)."""
@@ -264,51 +274,20 @@ class GraphTrainer(RunState, EmaState, MidEpochState):
     # ------------------------------------------------------------------------- one step
     def _inputs(self, images_uint8: torch.Tensor) -> dict:
         """The batch as each distinct (mean, std) sees it, normalised once per group."""
-        x = images_uint8.float()
-        out = {}
-        for key, (mean, std) in self._norms.items():
-            xn = (x - mean) / std
-            if self.channels_last:
-                xn = xn.contiguous(memory_format=torch.channels_last)
-            out[key] = xn
-        return out
+        return self.task.node_inputs(images_uint8)
 
     def _forward(self, inputs: dict, *, train: bool) -> tuple[list[torch.Tensor], list[Optional[torch.Tensor]]]:
-        """Every node's logits, in node order, and (training only) the features of the nodes in
-        feature edges (None for the others). An ensemble's logits come from its members'
-        (detached), so the loss op sees it as one more source and needs no kernel of its own."""
-        logits: list = []
-        features: list = [None] * len(self.nodes)
-        for n in self.nodes:
-            if n.is_ensemble:
-                logits.append(self._ema_logits(n, inputs) if n.ema_of is not None else None)
-                continue
-            x = inputs[n.norm_key]
-            if n.frozen or not train:
-                with torch.no_grad():
-                    out = (n.raw if not train else n.train_model)(x)
-            else:
-                out = n.train_model(x)
-            if isinstance(out, tuple):  # WithFeatures: (logits, features)
-                out, features[n.index] = out
-            logits.append(out)
-        if len({z.dtype for z in logits if z is not None}) > 1:  # e.g. a head kept in float32 under autocast
-            logits = [z if z is None else z.float() for z in logits]
-        for n in self.nodes:
-            if n.is_ensemble and n.ema_of is None:
-                logits[n.index] = ensemble_logits([logits[s].detach() for s in n.members], self.cfg.ensemble_mean)
-        return logits, features
+        """Every node's logits and (training only) the features of the nodes in feature edges."""
+        return self.task.run_nodes(inputs, train=train)
 
-    def _forward_loss(self, images: torch.Tensor, labels: torch.Tensor, progress):
+    def _forward_loss(self, images: torch.Tensor, labels: torch.Tensor, progress=None):
         """One training forward: every node's logits, the per-node losses ``[M]`` (logit edges plus
-        feature edges) and the feature edges' share of them (None without feature edges)."""
-        logits, features = self._forward(self._inputs(images), train=True)
-        losses = self.loss_fn(logits, labels, progress=progress)
-        if self.feature_loss is None:
-            return logits, losses, None
-        classes = labels.argmax(dim=1) if labels.dim() == 2 else labels  # soft targets: their argmax
-        feature_losses = self.feature_loss(features, logits, classes, progress)
-        return logits, losses + feature_losses.to(losses.dtype), feature_losses
+        feature edges) and the feature edges' share of them (None without feature edges).
+        ``progress``: k/K, else what the task holds (the loop sets it outside a compiled step)."""
+        if progress is not None:
+            self.task.set_progress(progress)
+        out = self.task.forward_inputs(self._inputs(images), labels)
+        return out["logits"], out["losses"], out.get("feature_losses")
 
     def _clip_gradients(self) -> None:
         from timm.utils import dispatch_clip_grad
@@ -323,11 +302,9 @@ class GraphTrainer(RunState, EmaState, MidEpochState):
         from tqdm.auto import tqdm
 
         acc, cfg = self.accelerator, self.cfg
-        for n in self.nodes:
-            # --frozen-bn train: a frozen node's BatchNorm on batch statistics (its running ones
-            # drift), as in the authors' code; it still gets no gradient and no update.
-            if n.trains or (n.frozen and self._frozen_bn_train):
-                n.train_model.train()
+        # --frozen-bn train: a frozen node's BatchNorm on batch statistics (its running ones
+        # drift), as in the authors' code; it still gets no gradient and no update.
+        self.task.train()
         self.train_loader.set_epoch(epoch)
         self.scheduler.step(epoch)
         if cfg.sched_on_updates:
@@ -354,10 +331,10 @@ class GraphTrainer(RunState, EmaState, MidEpochState):
             if self.accum.starts_update(step):  # k counts optimiser updates
                 self.iteration += 1
                 progress = self.clock.progress(self.iteration)
+                self.task.set_progress(progress)  # a buffer: a compiled step reads it, never recompiles
             with self.accum.context(acc, [n.train_model for n in self.nodes if n.trains], step):
                 with acc.autocast():
-                    logits, losses, feature_losses = self._train_step(
-                        images, labels, torch.tensor(progress, dtype=torch.float64) if cfg.compile else progress)
+                    logits, losses, feature_losses = self._train_step(images, labels)
                 if edges is not None and step % every == 0:  # outside autocast: float32 statistics
                     edges.add(logits, labels.argmax(dim=1) if labels.dim() == 2 else labels, progress)
                 acc.backward(losses.sum() * self.accum.loss_scale(step) if self.accum.steps > 1 else losses.sum())
@@ -505,17 +482,6 @@ def node_init_seed(seed: int, index: int) -> int:
     """The torch seed node ``index`` of a run seeded ``seed`` is initialised under (a mix of both, so
     node 1 of seed k is not node 0 of seed k + 1)."""
     return (int(seed) * 1_000_003 + 7_919 * (int(index) + 1)) % (2**63 - 1)
-
-
-def ensemble_logits(members: list[torch.Tensor], mean: str = "logits") -> torch.Tensor:
-    """An ensemble node's logits from its members' ``[B, C]`` logits: their mean (``logits``),
-    or the log of the mean of their softmaxes (``probs``), which softmax maps back to that mean."""
-    z = torch.stack(members)
-    if mean == "logits":
-        return z.mean(dim=0)
-    if mean == "probs":
-        return (torch.logsumexp(z.float().log_softmax(dim=-1), dim=0) - math.log(len(members))).to(z.dtype)
-    raise ValueError(f"--ensemble-mean must be logits or probs, got {mean!r}")
 
 
 def build_run_data(cfg: TrainConfig, target_model: str, *, val_size: Optional[int] = None):
