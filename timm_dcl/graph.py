@@ -202,14 +202,18 @@ class Graph:
             return (int(Gate.CUTOFF),) * (m * m)
         return encode_gates(self.feature_gates, m)
 
-    def _validate_ensemble(self, i: int, node: Node) -> None:
-        where = f"nodes[{i}]"
+    def _check_virtual(self, i: int, node: Node, no_weights: str, is_what: str) -> None:
+        """A virtual node (ensemble, EMA) is neither frozen nor taught: its row is all cutoff."""
         if node.frozen:
-            raise ValueError(f"{where}.frozen: an ensemble node has no weights, so it cannot be frozen")
+            raise ValueError(f"nodes[{i}].frozen: {no_weights}, so it cannot be frozen")
         bad = [s for s, g in enumerate(self.gates[i]) if g != _CUTOFF]
         if bad:
-            raise ValueError(f"gates[{i}]: node {i} is an ensemble (it learns nothing), so its gate row must be "
+            raise ValueError(f"gates[{i}]: node {i} {is_what} (it learns nothing), so its gate row must be "
                              f"all cutoff, but gates[{i}][{bad[0]}] is {self.gates[i][bad[0]]!r}")
+
+    def _validate_ensemble(self, i: int, node: Node) -> None:
+        where = f"nodes[{i}]"
+        self._check_virtual(i, node, "an ensemble node has no weights", "is an ensemble")
         members = self.ensemble_members(i)
         if not members:
             raise ValueError(f"{where}.members: an ensemble needs at least 1 member, and the graph has no "
@@ -219,12 +223,7 @@ class Graph:
     def _validate_ema(self, i: int, node: Node) -> None:
         where = f"nodes[{i}]"
         m = len(self.nodes)
-        if node.frozen:
-            raise ValueError(f"{where}.frozen: an EMA node has no weights of its own, so it cannot be frozen")
-        bad = [s for s, g in enumerate(self.gates[i]) if g != _CUTOFF]
-        if bad:
-            raise ValueError(f"gates[{i}]: node {i} is the EMA of node {node.of} (it learns nothing), so its gate "
-                             f"row must be all cutoff, but gates[{i}][{bad[0]}] is {self.gates[i][bad[0]]!r}")
+        self._check_virtual(i, node, "an EMA node has no weights of its own", f"is the EMA of node {node.of}")
         s = node.of
         if not 0 <= s < m:
             raise ValueError(f"{where}.of: node {s} is out of range (the graph has nodes 0..{m - 1})")
