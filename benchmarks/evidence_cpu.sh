@@ -22,8 +22,8 @@
 # OUT/timings.tsv records how long each part took.
 #
 # Environment: PYTHON (default python3), EVIDENCE_DATA (the CIFAR-10 parquet folder, default
-# ../shared/data/cifar10), EVIDENCE_SUBSET, EVIDENCE_EPOCHS, EVIDENCE_TRIALS (search trials, 10),
-# EVIDENCE_MAX_SEEDS (6), EVIDENCE_BUDGET_MIN (the minutes parts 3–5 may take, 240), EVIDENCE_FLAGS
+# ../shared/data/cifar10), EVIDENCE_TEACHER_EPOCHS (15), EVIDENCE_SUBSET, EVIDENCE_EPOCHS,
+# EVIDENCE_TRIALS (search trials, 10), EVIDENCE_MAX_SEEDS (6), EVIDENCE_BUDGET_MIN (the minutes parts 3–5 may take, 240), EVIDENCE_FLAGS
 # (more flags for every run, e.g. "--eval-subset 500" for a quick smoke run of the script itself),
 # EVIDENCE_WORKERS (2: the search and the reports run as that many single-threaded workers sharing
 # the study and the runs' lock files, as `accelerate launch --num_processes N` would start them).
@@ -38,7 +38,7 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1
 
 STUDENT=resnet20
 TEACHER=resnet32
-TEACHER_EPOCHS=15
+TEACHER_EPOCHS="${EVIDENCE_TEACHER_EPOCHS:-15}"
 SUBSET="${EVIDENCE_SUBSET:-3000}"
 EPOCHS="${EVIDENCE_EPOCHS:-30}"
 VAL=1000                      # the search's validation images, held out of its training images
@@ -125,13 +125,13 @@ if [ ! -f "$OUT/pilot.json" ]; then
   part pilot workers "$PY" search_dcl.py "${SEARCH[@]}" --report --report-top 0 --report-seeds 3 \
     --report-graphs "$EXTRA_PILOT" --report-vs alone
   cp "$OUT/search/report.json" "$OUT/pilot_report.json"
-  "$PY" - "$OUT" "$MAX_SEEDS" "$BUDGET_MIN" "$TIMINGS" "$TRIALS" "$EPOCHS" <<'EOF'
+  "$PY" - "$OUT" "$MAX_SEEDS" "$BUDGET_MIN" "$TIMINGS" "$TRIALS" "$EPOCHS" "$WORKERS" <<'EOF'
 import csv, json, math, statistics, sys
 from pathlib import Path
 from timm_dcl.search.stats import t_quantile
 
 out, max_seeds, budget_min, timings = Path(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
-trials, epochs = int(sys.argv[5]), int(sys.argv[6])
+trials, epochs, workers = int(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7])
 rows = {r["name"]: r for r in json.loads((out / "pilot_report.json").read_text())}
 alone, kd = rows["alone"], rows["kd-t2"]
 sd_alone = statistics.stdev([v for v in alone["top1"] if v is not None])
@@ -146,13 +146,15 @@ def seconds(run):
     return sum(json.loads(line)["time"] for line in (out / "search" / run / "metrics.jsonl").read_text().splitlines())
 unit = statistics.fmean(seconds(r) for r in alone["runs"])
 units = {"alone": 1, "kd-t2": 1.55, "kd-t4": 1.55, "dml": 2, "dml-teacher": 2.67, "ensemble": 3, "searched": 3}
-per_seed_min = unit * sum(units.values()) / 60
+# The workers train side by side (each single-threaded, as `unit` was measured), so wall time is
+# the runs' time over the workers.
+per_seed_min = unit * sum(units.values()) / 60 / workers
 # The search still to come, in units: a 3-node trial costs about 3 per full run; ASHA (rungs 4, 8,
 # 16, halving) trains every trial 4 epochs, half of them 8, a quarter 16, an eighth to the end.
 search_units = 3 * (trials * (4 + 4 / 2 + 8 / 4) + trials / 8 * max(0, epochs - 16)) / epochs
-spent_min = unit * search_units / 60 + sum(float(r["seconds"]) for r in csv.DictReader(open(timings), delimiter="\t")
-                             if r["part"] == "pilot") / 60
-done_min = unit * (units["alone"] + units["kd-t2"]) * 3 / 60  # the pilot's runs count in the report
+pilot_s = sum(float(r["seconds"]) for r in csv.DictReader(open(timings), delimiter="\t") if r["part"] == "pilot")
+spent_min = unit * search_units / 60 / workers + pilot_s / 60
+done_min = unit * (units["alone"] + units["kd-t2"]) * 3 / 60 / workers  # the pilot's runs count in the report
 afford = max(3, int((budget_min - spent_min + done_min) // per_seed_min))
 seeds = max(3, min(need, max_seeds, afford))
 half = t_quantile(0.975, seeds - 1) * sd / math.sqrt(seeds)
