@@ -136,6 +136,32 @@ struct CpuKernel {
     return hsum(tot + acc);
   }
 
+  // The class a correct gate compares with for soft targets: their first argmax, a NaN
+  // winning as in torch.argmax (SPEC §2: ties go to the lowest class). In the kernel, not
+  // by at::argmax before it: that op and its allocation were most of what soft targets
+  // added to a call with correct gates at M=7 B=128 C=100.
+  KTG_HD static int64_t target_argmax(const A* y, int64_t C) {
+    const A ninf = neg_infinity<A>();
+    const I iota = lane_index<A, W>();
+    const I none = I{} + std::numeric_limits<Int>::max();
+    R mxv = R{} + ninf;
+    I arg = none, nan_at = none;
+    for_chunks<L>(C, [&](const Chunk& k) KTG_LAMBDA_INLINE {
+      const R v = (k.rem == L ? load_full<A, A, W>(y + k.c) : load_part<A, A, W>(y + k.c, k.rem, ninf)).v;
+      const I at = iota + static_cast<Int>(k.c);
+      const auto gt = v > mxv;  // strict: each lane keeps its first maximum
+      mxv = gt ? v : mxv;
+      arg = gt ? at : arg;
+      nan_at = (v != v) & (nan_at == none) ? at : nan_at;  // each lane's first NaN
+    });
+    const int64_t first_nan = hmin_index<A, W>(nan_at);
+    if (first_nan != std::numeric_limits<Int>::max()) return first_nan;
+    const A mx = hmax<A, W>(mxv);
+    const int64_t first = hmin_index<A, W>(mxv == (R{} + mx) ? arg : none);
+    // All −inf: torch.argmax gives 0.
+    return first == std::numeric_limits<Int>::max() ? 0 : first;
+  }
+
   // The label edge against soft targets, −Σ_c y_c log softmax(z)_c (ktg_loss.h).
   KTG_HD static A soft_label_ce(const S* z, const S* limit, const A* y, int64_t C, const NodeStat<A>& st) {
     V acc(A(0)), tot(A(0));
@@ -410,7 +436,7 @@ struct CpuKernel {
     V u[kMaxNodes], pT[kMaxNodes];
     for (int64_t b = b0; b < b1; ++b) {
       // -2: no class (soft targets and no correct gate); an argmax is never below -1.
-      const int64_t yb = a.y ? a.y[b] : -2;
+      const int64_t yb = a.y ? a.y[b] : (a.soft && correct_sources ? target_argmax(a.soft + b * C, C) : -2);
       for (int n = 0; n < M; ++n) {
         int64_t arg = -1;
         raw[n] = sums_of(a.z.row(n, b), a.limit[n], C, plan, mode,
@@ -666,7 +692,7 @@ std::tuple<at::Tensor, at::Tensor> ktg_loss_forward_cpu(at::TensorList logits,
                                                         const std::optional<at::Tensor>& progress_tensor) {
   const char* op = "timm_dcl::ktg_loss_forward";
   Call call = prepare_call(logits, labels_in, gates, temperature, progress, progress_tensor, op);
-  soft_target_classes(call);
+  // Soft targets: the kernel finds their classes itself (CpuKernel::target_argmax).
   const int64_t M = call.M, B = call.B, C = call.C;
   if (!call.soft) check_label_range(call.labels, C, op);
   const at::Tensor& z0 = logits_of(logits);

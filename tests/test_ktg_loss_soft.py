@@ -146,6 +146,64 @@ def test_correct_gate_reads_the_targets_argmax(device):
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
 
 
+def _argmax_rows(C: int, seed: int) -> torch.Tensor:
+    """float64 [B, C] targets whose argmax is hard to get right: ties in different lanes
+    and in the moved-back last chunk, a NaN (which wins, as in torch.argmax), negative
+    rows, all −inf, the maximum in the first or the last class."""
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.rand(12, C, generator=gen, dtype=torch.float64)
+    y[1, C - 1] = 3.0
+    y[2, 0] = 3.0
+    y[3, C // 2] = y[3, C - 1] = 3.0  # tie: the lower class
+    y[4, C - 1] = y[4, max(C - 17, 0)] = 3.0
+    y[5, C // 3] = float("nan")
+    y[6, C - 1] = float("nan")
+    y[6, 0] = float("nan")  # two NaNs: the first
+    y[7] = -torch.rand(C, generator=gen, dtype=torch.float64) - 1.0
+    y[8] = float("-inf")
+    y[9] = 0.25  # all equal: class 0
+    y[10, C - 1] = float("inf")
+    return y
+
+
+def check_target_argmax(device: torch.device) -> None:
+    """The correct gates with soft targets use the targets' torch.argmax: with no label edge
+    the losses equal those of those integer classes exactly."""
+    gates = [["cutoff", "correct", "correct"], ["correct", "cutoff", "correct"], ["linear", "correct", "cutoff"]]
+    for C in (1, 2, 7, 15, 16, 17, 31, 33, 64, 100, 1000):
+        y = _argmax_rows(C, C)
+        classes = y.argmax(1)
+        z = torch.randn(3, 12, C, generator=torch.Generator().manual_seed(C), dtype=torch.float64)
+        # logits whose argmax is the target's class in about half the rows, so masks vary
+        z[1, ::2] += 5.0 * torch.nn.functional.one_hot(classes[::2], C)
+        for dtype in (torch.float64, torch.float32):
+            zz = z.to(device=device, dtype=dtype)
+            got = ktg_loss(zz, y.to(device=device, dtype=dtype), gates, temperature=2.0)
+            want = ktg_loss(zz, classes.to(device), gates, temperature=2.0)
+            assert torch.equal(got, want), (C, dtype, got, want)
+
+
+def test_correct_gate_target_argmax_ties_nan_and_lanes(device):
+    needs_kernel(device)
+    check_target_argmax(device)
+
+
+def test_correct_gate_target_argmax_on_every_cpu_isa():
+    """The CPU kernel finds the targets' argmax itself, in lanes of the ISA it picks at run
+    time: check the narrower ISAs' paths too (TIMM_DCL_CPU_ISA is read once a process)."""
+    needs_kernel(torch.device("cpu"))
+    import os
+    import subprocess
+    import sys
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = ("import sys, torch; sys.path.insert(0, %r); import test_ktg_loss_soft as t; "
+            "t.check_target_argmax(torch.device('cpu')); print('ok')" % here)
+    for isa in ("avx2", "base"):
+        env = dict(os.environ, TIMM_DCL_CPU_ISA=isa)
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0 and done.stdout.strip().endswith("ok"), (isa, done.stdout[-2000:], done.stderr[-2000:])
+
+
 def test_zero_target_row_gives_zero_label_loss(device):
     needs_kernel(device)
     _, z, labels, y = soft_case(11, 2, 4, 7)
