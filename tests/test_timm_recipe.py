@@ -206,6 +206,20 @@ def test_mixup_cutmix_smoothing_run_on_cifar10(cifar10, tmp_path):
     assert saved["mixup"] == 0.8 and saved["cutmix"] == 1.0 and saved["smoothing"] == 0.1
 
 
+def test_a_mixed_batch_reaches_the_nodes_as_pixels(cifar10, tmp_path):
+    """Mixup on, but drawn for no batch (--mixup-prob 0): the batch leaves the mixing as float
+    pixels with one-hot targets, and the run must equal the plain run. Before the fix the float
+    pixels were taken as already normalised, and every mixed run ended at chance."""
+    common = ["--node-models", "resnet20,resnet20", "--dataset", "cifar10", "--data-dir", cifar10, "--epochs", "1",
+              "--train-subset", "64", "--batch-size", "32", *TINY]
+    assert train_dcl.main([*common, "--output", str(tmp_path / "plain")]) == 0
+    assert train_dcl.main([*common, "--mixup", "1.0", "--mixup-prob", "0.0", "--output", str(tmp_path / "mix")]) == 0
+    plain, mixed = read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "mix")
+    assert mixed[0]["mixup"] is True
+    assert mixed[0]["train_loss"] == pytest.approx(plain[0]["train_loss"], rel=1e-5)
+    assert mixed[0]["top1"] == plain[0]["top1"]
+
+
 def test_randaugment_and_erasing_in_the_streaming_path(cifar10, capsys):
     from timm.data.auto_augment import RandAugment
 

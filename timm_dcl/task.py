@@ -485,12 +485,18 @@ class KTGTask(TrainingTask):
         j = self._keys.index(key)
         return getattr(self, f"_mean255_{j}"), getattr(self, f"_std255_{j}")
 
-    def node_inputs(self, input: torch.Tensor) -> dict:
-        """The batch as each distinct (mean, std) sees it: from uint8 pixels, each normalised once
-        from the pixels; from a float input normalised as node 0 expects, re-normalised."""
+    def node_inputs(self, input: torch.Tensor, *, pixels: Optional[bool] = None) -> dict:
+        """The batch as each distinct (mean, std) sees it: from pixels, each normalised once from
+        the pixels; from a float input normalised as node 0 expects, re-normalised.
+
+        ``pixels``: whether ``input`` holds pixel values (0…255), uint8 or float; by default only
+        uint8 does. Mixed, erased batches are float pixels (:mod:`timm_dcl.mixing`).
+        """
         out = {}
         ref = self._keys.index(self.input_key)
-        if input.dtype == torch.uint8:
+        if pixels is None:
+            pixels = input.dtype == torch.uint8
+        if pixels:
             x = input.float()
             for j, key in enumerate(self._keys):
                 out[key] = (x - getattr(self, f"_mean255_{j}")) / getattr(self, f"_std255_{j}")

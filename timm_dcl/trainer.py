@@ -272,9 +272,10 @@ class GraphTrainer(RunState, EmaState, MidEpochState):
                 for n in self.nodes]
 
     # ------------------------------------------------------------------------- one step
-    def _inputs(self, images_uint8: torch.Tensor) -> dict:
-        """The batch as each distinct (mean, std) sees it, normalised once per group."""
-        return self.task.node_inputs(images_uint8)
+    def _inputs(self, images: torch.Tensor) -> dict:
+        """The batch as each distinct (mean, std) sees it, normalised once per group. The loaders
+        give uint8 pixels and batch mixing keeps pixel units in float, so both are pixels."""
+        return self.task.node_inputs(images, pixels=True)
 
     def _forward(self, inputs: dict, *, train: bool) -> tuple[list[torch.Tensor], list[Optional[torch.Tensor]]]:
         """Every node's logits and (training only) the features of the nodes in feature edges."""
