@@ -536,8 +536,9 @@ struct Call {
   int64_t M, B, C;
   bool stacked;                         // logits came as one [M, B, C] tensor
   std::vector<at::Tensor> rows;         // what NodeRows points into (copies where needed)
-  at::Tensor labels;                    // int64 [B], contiguous; soft targets: their argmax
-                                        // where a correct gate reads it (see soft_target_classes),
+  at::Tensor labels;                    // int64 [B], contiguous; soft targets on CUDA: their
+                                        // argmax where a correct gate reads it (see
+                                        // soft_target_classes; the CPU kernel finds it itself),
                                         // else undefined
   bool soft = false;                    // labels came as target probabilities [B, C]
   at::Tensor targets;                   // soft: [B, C] in the accumulation dtype, contiguous
