@@ -24,7 +24,8 @@
 # Environment: PYTHON (default python3), EVIDENCE_DATA (the CIFAR-10 parquet folder, default
 # ../shared/data/cifar10), EVIDENCE_TEACHER_EPOCHS (15), EVIDENCE_SUBSET, EVIDENCE_EPOCHS,
 # EVIDENCE_TRIALS (search trials, 10), EVIDENCE_MAX_SEEDS (6), EVIDENCE_BUDGET_MIN (the minutes
-# parts 3–5 may take, 240), EVIDENCE_FLAGS (more flags for every run, e.g. "--eval-subset 500" for a quick smoke run of the script itself),
+# parts 3–5 may take, 240), EVIDENCE_FLAGS (more flags for every run, e.g. "--eval-subset 500"
+# for a quick smoke run of the script itself),
 # EVIDENCE_WORKERS (2: the search and the reports run as that many single-threaded workers sharing
 # the study and the runs' lock files, as `accelerate launch --num_processes N` would start them).
 set -euo pipefail
